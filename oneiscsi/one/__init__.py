@@ -1,0 +1,1 @@
+"""The OpenNebula contract: version, inputs, outputs, XML, oned API."""
