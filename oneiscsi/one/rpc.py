@@ -102,6 +102,22 @@ class One:
             self._cache[key] = self._cli(kind, oid) if self._unreachable else self._rpc(kind, oid)
         return self._cache[key]
 
+    def pool(self, kind: str) -> list:
+        """All objects of a pool over XML-RPC only (no CLI fallback): [Obj]."""
+        from oneiscsi.one import xml
+        url = _endpoint()
+        proxy = xmlrpc.client.ServerProxy(url, transport=_Transport() if url.startswith("http:") else None)
+        method = getattr(getattr(proxy, "one"), kind + "pool")
+        try:
+            args = (_session(), -2, -1, -1) if kind == "image" else (_session(),)
+            reply = method.info(*args)
+        except (OSError, socket.timeout, xmlrpc.client.Error) as e:
+            raise Failure("oned XML-RPC at %s: %s" % (url, e)) from None
+        if not reply[0]:
+            raise Failure("oned refused one.%spool.info: %s" % (kind, reply[1]))
+        tag = kind.upper()
+        return [xml.Obj(el) for el in xml.parse(reply[1]).findall(tag)]
+
     def vm(self, vmid):
         from oneiscsi.one import xml
         return xml.vm(self.get("vm", vmid))
