@@ -12,7 +12,6 @@ for `virsh secret-set-value --file --plain` and removed: it is on no argv.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 from xml.sax.saxutils import quoteattr
 
@@ -36,8 +35,6 @@ def disk_xml(attrs: dict) -> str:
     lines = ["<disk type='network' device='disk'>",
              "  <source protocol='iscsi' name=%s>" % quoteattr(t.name)]
     for h, p in t.portals:
-        if ":" in h:  # libvirt's schema only takes some IPv6 spellings: the exploded one always
-            h = ipaddress.IPv6Address(h).exploded
         lines.append("    <host name=%s port='%d'/>" % (quoteattr(h), p))
     lines.append("  </source>")
     if t.user and t.usage:
