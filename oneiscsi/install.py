@@ -97,6 +97,11 @@ def install(remotes, drivers, wrappers=(), python="python3"):
     home = os.path.join(remotes, HOME)
     os.makedirs(home, exist_ok=True)
     manifest = _load(remotes)
+    for sys_tm in wrappers:  # check before changing anything
+        for action in MIGRATE_WRAPPED:
+            rel = os.path.join("tm", sys_tm, action)
+            if not os.path.lexists(os.path.join(remotes, rel)) and rel not in manifest["wrappers"]:
+                raise Failure("%s does not exist: is %s a system datastore TM driver?" % (rel, sys_tm))
     src = _self_pyz()
     pyz = os.path.join(home, "oneiscsi.pyz")
     if os.path.realpath(src) != os.path.realpath(pyz):
@@ -128,8 +133,6 @@ def install(remotes, drivers, wrappers=(), python="python3"):
             target = os.path.relpath(launcher, os.path.dirname(path))
             if _is_ours(path, target):
                 continue
-            if not os.path.lexists(path):
-                raise Failure("%s does not exist: is %s a system datastore TM driver?" % (rel, sys_tm))
             os.replace(path, path + ORIG_SUFFIX)  # a relative symlink keeps working: same directory
             os.symlink(target, path)
             if rel not in manifest["wrappers"]:

@@ -81,13 +81,17 @@ def iqn_lun(value: str, what: str = "PATH"):
         raise Invalid("%s is empty: give the target as IQN or IQN/LUN" % what)
     reject_dangerous(value, what)
     name, sep, l = value.partition("/")
+    if not name:
+        raise Invalid("%s %s is refused: it must start with 'iqn.', 'eui.' or 'naa.' (IQN[/LUN])"
+                      % (what, show(value)))
     if sep:
         return iqn(name, what), lun(l, what + " LUN")
     return iqn(name, what), None
 
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+# '_' is not RFC 1123, but /etc/hosts names such as the seed's "the_iscsi_host" use it
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                       r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
 
 
 def hostname(value: str, what: str = "host") -> str:
