@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,9 +84,12 @@ def run(cmd, **kw):
     subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
-def pinned() -> list:
-    lines = (TOP / "requirements.lock").read_text().splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+def pinned(key: str = "runtime") -> list:
+    """The exact pins of [tool.oneiscsi] in pyproject.toml."""
+    text = (TOP / "pyproject.toml").read_text()
+    section = re.split(r"^\[tool\.oneiscsi\]\s*$", text, flags=re.M)[1]
+    block = re.search(r"^%s = \[(.*?)^\]" % key, section, re.M | re.S)
+    return re.findall(r'"([^"]+)"', block.group(1))
 
 
 def fetch_wheels(pyver: str, dest: Path) -> None:
@@ -169,4 +173,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--print-pins"]:  # used by tests/setup.sh
+        print("\n".join(pinned(sys.argv[2] if len(sys.argv) > 2 else "runtime")))
+        sys.exit(0)
     sys.exit(main())

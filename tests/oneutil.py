@@ -17,7 +17,7 @@ VERSIONS = {"4.14": (4, 14), "5.12": (5, 12), "6.0": (6, 0), "6.8": (6, 8), "7.0
 def build_if_stale() -> Path:
     """Build dist/oneiscsi.pyz unless it is newer than every source file."""
     newest = max(p.stat().st_mtime for p in (TOP / "oneiscsi").rglob("*.py"))
-    newest = max(newest, (TOP / "build.py").stat().st_mtime, (TOP / "requirements.lock").stat().st_mtime)
+    newest = max(newest, (TOP / "build.py").stat().st_mtime, (TOP / "pyproject.toml").stat().st_mtime)
     if not PYZ.exists() or PYZ.stat().st_mtime < newest:
         subprocess.run([sys.executable, str(TOP / "build.py")], check=True, stdout=subprocess.DEVNULL)
     return PYZ
