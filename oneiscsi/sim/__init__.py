@@ -1,0 +1,1 @@
+"""Lab components: EqualLogic group simulator, tgtd wrapper, test hosts."""
