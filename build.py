@@ -153,6 +153,10 @@ def main(argv=None) -> int:
         ap.error("unsupported --python %s (choose from %s)" % (args.python, ", ".join(PY_FULL)))
 
     work = TOP / "build" / ("py" + args.python)
+    work.mkdir(parents=True, exist_ok=True)
+    import fcntl
+    lock = open(work / ".lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent builds (parallel test sessions) take turns
     wheels = work / "wheels"
     fetch_wheels(args.python, wheels)
     site = work / "site-packages"
@@ -160,13 +164,15 @@ def main(argv=None) -> int:
 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(out.name + ".build")
     env = dict(os.environ, SOURCE_DATE_EPOCH=EPOCH)
     # shiv's build id is a hash of the content: it names the extraction directory, so a
     # new build never runs with a stale extraction.
     run([sys.executable, "-m", "shiv", "--site-packages", site, "-e", "oneiscsi.__main__:main",
-         "-o", out, "-p", "/usr/bin/env python3", "--reproducible", "--compressed",
+         "-o", tmp_out, "-p", "/usr/bin/env python3", "--reproducible", "--compressed",
          "--compile-pyc", "--root", ROOT], env=env, cwd=str(work))
-    add_fast_main(out)
+    add_fast_main(tmp_out)
+    os.replace(tmp_out, out)  # a running test never sees a half-written executable
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     print("built %s (Python %s) %d bytes sha256 %s" % (out, args.python, out.stat().st_size, digest))
     return 0

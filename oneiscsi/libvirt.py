@@ -37,6 +37,8 @@ def disk_xml(attrs: dict) -> str:
     for h, p in t.portals:
         lines.append("    <host name=%s port='%d'/>" % (quoteattr(h), p))
     lines.append("  </source>")
+    if len(t.portals) > 1:
+        log.warn("libvirt accepts exactly one <host> for an iSCSI disk: a VM with this disk will not start")
     if t.user and t.usage:
         lines += ["  <auth username=%s>" % quoteattr(t.user),
                   "    <secret type='iscsi' usage=%s/>" % quoteattr(t.usage),
@@ -100,11 +102,12 @@ cat > "$tmp/secret.xml" <<'ONEISCSI_XML'
 </secret>
 ONEISCSI_XML
 V="virsh -q -c qemu:///system"
-uuid=$($V secret-list 2>&1 | awk -v u=%(usage_q)s '$2=="iscsi" && $3==u {print $1; exit}')
+find_uuid() { $V secret-list 2>&1 | awk -v u=%(usage_q)s '$2=="iscsi" && $3==u {print $1; exit}'; }
+uuid=$(find_uuid)
 state=updated
 if [ -z "$uuid" ]; then
   out=$($V secret-define "$tmp/secret.xml" 2>&1) || { echo "FAIL secret-define: $out"; exit 1; }
-  uuid=$(echo "$out" | awk '/[0-9a-f]{8}-/{for(i=1;i<=NF;i++) if ($i ~ /^[0-9a-f-]{36}$/) print $i}' | head -1)
+  uuid=$(find_uuid)
   state=defined
 fi
 [ -n "$uuid" ] || { echo "FAIL no secret uuid"; exit 1; }

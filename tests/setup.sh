@@ -12,6 +12,7 @@ PKGS=(
   openssh-server openssh-client        # sshd test hosts, the system ssh client
   libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu libxml2-utils  # virsh, libvirtd, virt-xml-validate
   qemu-system-x86 debootstrap          # the real-kernel host (QEMU TCG guest)
+  fuse3                                # FUSE exports of the iscsiadm stand-in (test hosts)
   iproute2 util-linux rsync procps ca-certificates
 )
 missing=()

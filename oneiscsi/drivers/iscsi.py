@@ -36,6 +36,15 @@ class Target:
             raise Invalid("ISCSI_USAGE is set but ISCSI_USER is not: CHAP needs both")
         self.name = name
 
+    def for_libvirt(self) -> "Target":
+        """libvirt takes exactly one <host> for an iSCSI disk ("protocol iscsi accepts only one
+        host"), while oned writes one per ISCSI_HOST entry: refuse before QEMU would."""
+        if len(self.portals) > 1:
+            raise Invalid("ISCSI_HOST lists %d portals for %s, but libvirt's iSCSI disks take exactly one; "
+                          "set a single host[:port] (an image's ISCSI_HOST overrides the datastore's)"
+                          % (len(self.portals), self.name))
+        return self
+
     @classmethod
     def of_image(cls, image, datastore):
         def attr(key):  # the image template overrides the datastore template
@@ -133,7 +142,7 @@ def tm_ln(call):
     disk = vm.disk(did) if did is not None else None
     if disk is None:
         raise Failure("VM %s has no DISK with DISK_ID %s" % (call.args[2], did))
-    check_host(host, [Target.of_disk(disk)])
+    check_host(host, [Target.of_disk(disk).for_libvirt()])
 
 
 def tm_clone(call):
@@ -146,7 +155,7 @@ def tm_premigrate(call):
     if not disks or m.src == m.dst:
         return
     validate.hostname(m.dst, "destination host")
-    check_host(m.dst, [Target.of_disk(d) for d in disks])
+    check_host(m.dst, [Target.of_disk(d).for_libvirt() for d in disks])
 
 
 def tm_nothing(call):

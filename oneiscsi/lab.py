@@ -1,0 +1,207 @@
+"""`oneiscsi.pyz lab`: the end-to-end demo on this machine (root, Debian 12; see README).
+
+It starts real parts: two hypervisor hosts (network namespaces with sshd and libvirtd), a
+"SAN" namespace with tgtd serving a CHAP-protected LUN, and a fake oned answering XML-RPC.
+It installs this executable into a scratch remotes tree and then plays what oned would send
+through a VM's life with the iscsi driver: register, deploy, live-migrate, terminate. Every
+step shows what oned sends, what the driver printed, and what changed on the hosts and the
+target. Everything is torn down at the end (also on failure or Ctrl-C).
+
+`oneiscsi.pyz lab sim [ARGS]` runs only the EqualLogic group simulator in the foreground.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+
+IQN = "iqn.2024-01.org.example.lab:disk1"
+USAGE = "lab-chap"
+CHAP_USER = "labuser"
+
+
+def say(text=""):
+    print(text, flush=True)
+
+
+def step(n, title):
+    say("\n== %s. %s ==" % (n, title))
+
+
+class Demo:
+    def __init__(self, workdir: str, version: str = "6.8"):
+        self.work = workdir
+        self.version = version
+        self.chap_pass = "lab-" + os.urandom(6).hex()
+        self.parts = []
+
+    # ---- set-up ---------------------------------------------------------------
+    def __enter__(self):
+        from oneiscsi import install
+        from oneiscsi.sim.hosts import Lab
+        from oneiscsi.sim.oned import FakeOned
+        from oneiscsi.sim.tgt import Tgtd
+        say("starting the lab in %s" % self.work)
+        self.lab = Lab(os.path.join(self.work, "lab"), hosts=("host1", "host2"), san=True, libvirtd=True)
+        self.parts.append(self.lab)
+        self.lab.start()
+        self.tgtd = Tgtd(os.path.join(self.work, "tgt"), portal="%s:3260" % self.lab.san.addr,
+                         netns=self.lab.san.netns)
+        self.parts.append(self.tgtd)
+        self.tgtd.start()
+        self.tgtd.add_target(IQN, os.path.join(self.work, "disk1.img"), size_bytes=32 * 1024 * 1024)
+        self.tgtd.bind(IQN)
+        self.tgtd.set_chap(IQN, CHAP_USER, self.chap_pass)
+        self.oned = FakeOned(session="oneadmin:lab")
+        self.parts.append(self.oned)
+        self.oned.start()
+        auth = os.path.join(self.work, "one_auth")
+        with open(auth, "w") as f:
+            f.write("oneadmin:lab\n")
+        self.remotes = os.path.join(self.work, "remotes")
+        os.makedirs(self.remotes)
+        with open(os.path.join(self.remotes, "VERSION"), "w") as f:
+            f.write(self.version + ".0\n")
+        install.install(self.remotes, ["iscsi", "iscsi_libvirt", "eqliscsi"], python=sys.executable)
+        # this process and every driver it runs talk to the lab's oned and hosts
+        os.environ.update(ONE_XMLRPC=self.oned.url, ONE_AUTH=auth,
+                          ONEISCSI_SSH="ssh -F %s" % shlex.quote(self.lab.ssh_config),
+                          ONEISCSI_LOG=os.path.join(self.work, "oneiscsi.log"))
+        self.env = dict(os.environ)
+        say("hosts: %s; target %s on %s:3260 (CHAP user %s); fake oned %s; OpenNebula %s"
+            % (", ".join("%s=%s" % (h.name, h.addr) for h in self.lab.hosts.values()), IQN,
+               self.lab.san.addr, CHAP_USER, self.oned.url, self.version))
+        return self
+
+    def __exit__(self, *exc):
+        for part in reversed(self.parts):
+            try:
+                part.stop()
+            except Exception as e:  # keep tearing down
+                say("teardown: %s: %s" % (type(part).__name__, e))
+        say("\nlab stopped and removed")
+        return False
+
+    # ---- helpers ----------------------------------------------------------------
+    def action(self, kind, driver, action, args, stdin="", expect_rc=0, note=""):
+        path = os.path.join(self.remotes, "datastore" if kind == "ds" else "tm", driver, action)
+        shown = " ".join(str(a) if len(str(a)) < 60 else str(a)[:24] + "...(base64)" for a in args)
+        say("oned -> %s %s%s" % (os.path.relpath(path, self.remotes), shown,
+                                  "   [stdin: %s]" % note if note else ""))
+        res = subprocess.run([path] + [str(a) for a in args], input=stdin, capture_output=True,
+                             text=True, env=self.env, timeout=300)
+        for line in res.stdout.splitlines():
+            say("   stdout: %s" % line)
+        for line in res.stderr.splitlines():
+            say("   stderr: %s" % line)
+        say("   exit %d" % res.returncode)
+        if res.returncode != expect_rc:
+            raise SystemExit("lab: %s exited %d, expected %d" % (action, res.returncode, expect_rc))
+        return res
+
+    def qemu_io(self, host, what, data=None):
+        """What QEMU does on the host: open the LUN with libiscsi and CHAP (secret from a 0600 file)."""
+        portal = "%s:3260" % self.lab.san.addr
+        opts = ("driver=iscsi,transport=tcp,portal=%s,target=%s,lun=1,user=%s,password-secret=s0"
+                % (portal, IQN, CHAP_USER))
+        script = ("set -e; umask 077; d=$(mktemp -d); trap 'rm -rf $d' EXIT; "
+                  "printf %%s %s > $d/pw; " % shlex.quote(self.chap_pass))
+        if data is not None:
+            script += ("printf %%s %s > $d/data; truncate -s 512 $d/data; "
+                       "qemu-img convert -n -f raw --object secret,id=s0,file=$d/pw $d/data "
+                       "--target-image-opts %s; echo wrote %s" % (shlex.quote(data), opts, shlex.quote(repr(data))))
+        else:
+            script += ("qemu-img convert -f raw --object secret,id=s0,file=$d/pw --image-opts %s -O raw $d/out; "
+                       "echo read \\'$(head -c 64 $d/out | tr -d '\\000')\\'" % opts)
+        # the script (with the password) goes on stdin, never on an argv
+        res = self.lab.hosts[host].run(["sh", "-s"], user="oneadmin", input=script)
+        say("   %s (QEMU on %s, libiscsi + CHAP): %s" % (what, host, res.stdout.strip()))
+        return res.stdout.strip()
+
+    # ---- the iscsi lifecycle -------------------------------------------------------
+    def iscsi(self):
+        from oneiscsi.sim import onexml
+        v = tuple(int(x) for x in self.version.split("."))
+        ds_tpl = {"DISK_TYPE": "ISCSI", "ISCSI_HOST": self.lab.san.addr, "ISCSI_USER": CHAP_USER,
+                  "ISCSI_USAGE": USAGE}
+        ds = onexml.datastore_xml(ds_id=101, name="iscsi", ds_mad="iscsi", tm_mad="iscsi", template=ds_tpl,
+                                  version=v)
+        step(1, "CHAP secret on every host: oneiscsi.pyz secret (password on stdin only)")
+        from oneiscsi import libvirt
+        for h in ("host1", "host2"):
+            say("   " + libvirt.define_secret(h, USAGE, CHAP_USER, self.chap_pass))
+
+        step(2, "register the LUN: oneimage create (PATH=%s/1, PERSISTENT=YES)" % IQN)
+        stat_b64 = onexml.ds_action_data("<IMAGE><PATH>%s/1</PATH></IMAGE>" % IQN, ds)
+        self.action("ds", "iscsi", "stat", [0] if v >= (6, 8) else [stat_b64, 0], stdin=stat_b64 if v >= (6, 8) else "",
+                    note="DS_DRIVER_ACTION_DATA" if v >= (6, 8) else "")
+        img = onexml.image_xml(iid=5, name="lab disk", path=IQN + "/1", persistent=True, ds_id=101, version=v)
+        cp_b64 = onexml.ds_action_data(img, ds)
+        res = self.action("ds", "iscsi", "cp", [5] if v >= (6, 8) else [cp_b64, 5],
+                          stdin=cp_b64 if v >= (6, 8) else "", note="DS_DRIVER_ACTION_DATA" if v >= (6, 8) else "")
+        source = res.stdout.split()[0]
+        say("   image 5 SOURCE=%s" % source)
+        say("   a non-persistent copy is refused, with the reason:")
+        bad = onexml.ds_action_data(onexml.image_xml(iid=6, path=IQN + "/1", persistent=False, version=v), ds)
+        self.action("ds", "iscsi", "cp", [6] if v >= (6, 8) else [bad, 6], stdin=bad if v >= (6, 8) else "",
+                    expect_rc=1)
+
+        disk = onexml.disk_xml(0, {"SOURCE": source, "TM_MAD": "iscsi", "TYPE": "ISCSI", "PERSISTENT": "YES",
+                                   "CLONE": "NO", "TARGET": "vda", "ISCSI_HOST": self.lab.san.addr,
+                                   "ISCSI_USER": CHAP_USER, "ISCSI_USAGE": USAGE, "IMAGE_ID": 5,
+                                   "DATASTORE_ID": 101})
+        step(3, "deploy VM 42 on host1 (prolog: LN)")
+        self.oned.vms[42] = onexml.vm_xml(vmid=42, disks=[disk], hosts=("host1",), version=v)
+        self.action("tm", "iscsi", "ln", ["fe:" + source, "host1:/var/lib/one/datastores/0/42/disk.0", 42, 101])
+        xml = subprocess.run([sys.executable, sys.argv[0], "disk-xml", "--vm", "42"], capture_output=True,
+                             text=True, env=self.env)
+        say("   the disk oned's KVM driver writes for it (oneiscsi.pyz disk-xml --vm 42):")
+        for line in xml.stdout.splitlines():
+            say("      " + line)
+        self.qemu_io("host1", "the VM writes", data="written on host1 by VM 42")
+
+        step(4, "live-migrate VM 42 host1 -> host2 (system TM premigrate calls migrate_other)")
+        vm = self.oned.vms[42]
+        self.action("tm", "iscsi", "premigrate", ["host1", "host2", "/var/lib/one/datastores/0/42", 42, 0, "shared"],
+                    stdin=onexml.b64(vm), note="VM template")
+        self.oned.vms[42] = onexml.vm_xml(vmid=42, disks=[disk], hosts=("host1", "host2"), version=v)
+        self.qemu_io("host2", "after the move the VM reads")
+        self.action("tm", "iscsi", "postmigrate", ["host1", "host2", "/var/lib/one/datastores/0/42", 42, 0, "shared"],
+                    stdin=onexml.b64(vm), note="VM template")
+        say("   a destination whose QEMU lacks libiscsi is refused before the migration starts:")
+        self.lab.hosts["host1"].hide("/usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so")
+        try:
+            self.action("tm", "iscsi", "premigrate", ["host2", "host1", "/var/lib/one/datastores/0/42", 42, 0,
+                                                      "shared"], stdin=onexml.b64(vm), note="VM template",
+                        expect_rc=1)
+        finally:
+            self.lab.hosts["host1"].run(["umount", "/usr/lib/x86_64-linux-gnu/qemu"])  # undo hide()
+
+        step(5, "terminate VM 42 (epilog: MVDS for the persistent disk, DELETE of the VM directory)")
+        self.action("tm", "iscsi", "mvds", ["host2:/var/lib/one/datastores/0/42/disk.0", source, 42, 101])
+        self.action("tm", "iscsi", "delete", ["host2:/var/lib/one/datastores/0/42", 42, 0])
+        step(6, "delete the image (RM): the LUN and its data stay on the target")
+        self.action("ds", "iscsi", "rm", [5] if v >= (6, 8) else [cp_b64, 5], stdin=cp_b64 if v >= (6, 8) else "")
+        say("   target %s still has LUN 1: %s" % (IQN, bool(self.tgtd.targets()[IQN]["luns"])))
+
+
+def main(argv) -> int:
+    if argv[:1] == ["sim"]:
+        from oneiscsi.sim import eql
+        return int(eql.main(argv[1:]) or 0)
+    ap = argparse.ArgumentParser(prog="oneiscsi.pyz lab", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--one-version", default="6.8", help="OpenNebula version to play (default 6.8)")
+    ap.add_argument("--workdir", help="keep files here (default: a temporary directory)")
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        say("lab: run as root (it creates network namespaces and starts tgtd, sshd and libvirtd)")
+        return 1
+    with tempfile.TemporaryDirectory(prefix="oneiscsi-lab-") as tmp:
+        with Demo(a.workdir or tmp, a.one_version) as demo:
+            demo.iscsi()
+    say("\nlab: all steps done")
+    return 0
