@@ -114,10 +114,12 @@ class Demo:
                        "qemu-img convert -n -f raw --object secret,id=s0,file=$d/pw $d/data "
                        "--target-image-opts %s; echo wrote %s" % (shlex.quote(data), opts, shlex.quote(repr(data))))
         else:
-            script += ("qemu-img convert -f raw --object secret,id=s0,file=$d/pw --image-opts %s -O raw $d/out; "
+            script += ("qemu-img convert --object secret,id=s0,file=$d/pw --image-opts %s -O raw $d/out; "
                        "echo read \\'$(head -c 64 $d/out | tr -d '\\000')\\'" % opts)
         # the script (with the password) goes on stdin, never on an argv
-        res = self.lab.hosts[host].run(["sh", "-s"], user="oneadmin", input=script)
+        res = self.lab.hosts[host].run(["sh", "-s"], user="oneadmin", input=script, check=False)
+        if res.returncode != 0:
+            raise SystemExit("lab: QEMU on %s could not open the LUN: %s" % (host, res.stderr.strip()[-300:]))
         say("   %s (QEMU on %s, libiscsi + CHAP): %s" % (what, host, res.stdout.strip()))
         return res.stdout.strip()
 
