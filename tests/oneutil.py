@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 TOP = Path(__file__).resolve().parent.parent
@@ -68,3 +69,13 @@ def error_text(res: Result, version) -> str:
     lines = [ln for ln in err.splitlines()
              if not (tuple(version) >= (7, 0) and ln.split(":", 1)[0] in ("ERROR", "INFO", "WARN", "DEBUG"))]
     return " ".join(ln.strip() for ln in lines).strip()
+
+
+def wait_for(pred, timeout=5.0):
+    """Poll `pred` until it is true or `timeout` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()

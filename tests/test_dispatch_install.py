@@ -2,7 +2,6 @@
 import os
 import subprocess
 
-import pytest
 
 from tests import oneutil
 

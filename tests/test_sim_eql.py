@@ -13,6 +13,8 @@ import uuid
 import paramiko
 import pytest
 
+from tests.oneutil import wait_for
+
 from oneiscsi.sim.eql import SESSION_LIMIT_LINE, EqlSim
 from oneiscsi.sim.eql_group import format_size
 from oneiscsi.sim.tgt import Tgtd
@@ -386,13 +388,6 @@ def test_confirmation_context_and_logout(sim, clients):
     assert wait_for(lambda: sim.sessions_now == 0)
 
 
-def wait_for(pred, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
 # ------------------------------------------------------------ SSH behaviour

@@ -2,10 +2,11 @@
 import os
 import socket
 import subprocess
-import time
 import uuid
 
 import pytest
+
+from tests.oneutil import wait_for
 
 from oneiscsi.sim.tgt import CTL_LOCK_DIR, Tgtd, TgtError, parse_show_target
 
@@ -72,13 +73,6 @@ def holder():
         h.close()
 
 
-def wait_for(pred, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
 def test_start_stop_and_unique_control_numbers(tmp_path):
