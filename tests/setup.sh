@@ -27,7 +27,8 @@ mkdir -p /run/sshd
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-pins=$(python3 build.py --print-pins dev)
+# the tests run the simulator and the lab in-process: runtime pins too
+pins="$(python3 build.py --print-pins runtime) $(python3 build.py --print-pins dev)"
 # shellcheck disable=SC2086
 .venv/bin/pip install -q --disable-pip-version-check $pins
 .venv/bin/python build.py >/dev/null
