@@ -143,9 +143,15 @@ def report_failure(message: str, wire) -> None:
     sys.stderr.flush()
 
 
+def _terminated(signum, frame):
+    raise Failure("terminated by signal %d (oned's driver timeout?); cleanup done" % signum)
+
+
 def main(argv: list) -> int:
     argv0 = os.environ.pop("ONEISCSI_ARGV0", "") or argv[0]
     wire = None
+    import signal
+    signal.signal(signal.SIGTERM, _terminated)  # unwind: finally blocks undo half-done work
     try:
         route = resolve(argv0, argv[1:])
         if isinstance(route, tuple):

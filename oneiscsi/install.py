@@ -116,15 +116,15 @@ def install(remotes, drivers, wrappers=(), python="python3"):
     os.replace(launcher + ".tmp", launcher)
 
     for drv in drivers:
-        try:
-            tables = (("datastore", actions_of("ds", drv)), ("tm", actions_of("tm", drv)))
-        except Failure as e:
-            out.append("skipped %s: %s" % (drv, e))
-            continue
-        for kind_dir, table in tables:
+        for kind, kind_dir in (("ds", "datastore"), ("tm", "tm")):
+            try:
+                table = actions_of(kind, drv)
+            except Failure as e:  # a build without that half of the driver
+                out.append("skipped %s/%s: %s" % (kind_dir, drv, e))
+                continue
             for action in sorted(table):
                 _place_link(remotes, os.path.join(kind_dir, drv, action), manifest, out)
-        out.append("installed driver %s" % drv)
+            out.append("installed %s/%s" % (kind_dir, drv))
 
     for sys_tm in wrappers:
         for action in MIGRATE_WRAPPED:
