@@ -13,6 +13,7 @@ PKGS=(
   libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu libxml2-utils  # virsh, libvirtd, virt-xml-validate
   qemu-system-x86 debootstrap          # the real-kernel host (QEMU TCG guest)
   fuse3                                # FUSE exports of the iscsiadm stand-in (test hosts)
+  open-iscsi                           # the real iscsiadm, to compare the stand-in with (not started)
   iproute2 util-linux rsync procps ca-certificates
 )
 missing=()

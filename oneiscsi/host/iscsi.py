@@ -1,0 +1,576 @@
+"""open-iscsi on hypervisor hosts: attach, detach, rescan, sessions, stray cleanup.
+
+Each call renders one POSIX sh script and runs it with one `ssh` round trip per
+host (oneiscsi.host.run). Several volumes of one call are handled in parallel
+inside that script (one background job each); every job holds a `flock` on
+its target (`<lockdir>/oneiscsi-<iqn>.lock`, lockdir /run/lock, else /var/lock,
+else /tmp: the first world-writable sticky one) so concurrent actions on one
+host never race on one target.
+
+Attach follows os-brick (equallogic-and-peers.md section 4.2): node record
+probe (21: `-o new`, 6: retried), CHAP updates only when a Chap is given (else
+iscsid.conf's defaults stay), `node.startup manual`, login only when no
+session exists (15 counts as success), then a bounded wait for
+`/dev/disk/by-path/*ip-<portal>-iscsi-<iqn>-lun-*` (any LUN: EqualLogic uses
+0, tgtd 1) or `<base_device>/<volume>`, a size check from sysfs and
+`ln -sfn <device> <link>`. A failed volume is undone as far as this run changed
+the host (logout if it logged in, node delete if it made the record).
+Detach: flush, delete the SCSI device in sysfs, logout, node delete, remove
+the link when it points to this volume; absent things count as done.
+
+What the script prints on stdout is for this module only, one line per job:
+`OK <key> [<device> [<size>]]` or `FAIL <key> <step> <rc> <text>`; human
+detail goes to stderr (kept in the DEBUG log by host.run).
+
+Root: iscsiadm, `blockdev --flushbufs` and the sysfs delete need root. The
+script runs them directly as root, else through `sudo -n` when
+`sudo -n iscsiadm --version` works, else directly (and iscsiadm fails with its
+own message). SUDOERS_LINE is what an operator adds for oneadmin.
+
+The CHAP password travels inside the script text (a quoted heredoc on ssh's
+stdin), never on the frontend's argv or in logs. On the host it is an
+argument of `iscsiadm -o update -v` for the few milliseconds that command
+runs: open-iscsi has no other way to take it (os-brick does the same).
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+
+from oneiscsi import host as hostrun
+from oneiscsi import log, validate
+from oneiscsi.errors import Failure, Invalid
+
+SUDOERS_LINE = ("oneadmin ALL=(root) NOPASSWD: /usr/sbin/iscsiadm, /usr/sbin/blockdev, "
+                "/usr/bin/tee /sys/block/sd[a-z]/device/delete, "
+                "/usr/bin/tee /sys/block/sd[a-z][a-z]/device/delete")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
+_IFACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+
+
+def _name(value, what="volume name") -> str:
+    value = str(value or "")
+    validate.reject_dangerous(value, what)
+    if not _NAME.match(value):
+        raise Invalid("%s %s is refused: use letters, digits and . _ : - (first a letter or digit)"
+                      % (what, validate.show(value)))
+    return value
+
+
+class Volume:
+    """One target to attach on a host: portal, IQN, volume name, optional disk link and size."""
+
+    def __init__(self, portal: str, iqn: str, volume: str, link: str | None = None,
+                 size_bytes: int | None = None):
+        host, port = validate.portal(str(portal or ""), "portal")
+        self.portal = validate.format_portal(host, port)
+        self.port = port
+        # the name udev's path_id puts in by-path links: an IP without brackets, or any
+        # address when the portal is a DNS name (the kernel shows the resolved IP)
+        try:
+            self.bypath_host = str(ipaddress.ip_address(host))
+        except ValueError:
+            self.bypath_host = "*"
+        self.iqn = validate.iqn(str(iqn or ""), "target IQN")
+        self.volume = _name(volume)
+        self.link = validate.safe_path(str(link), "disk link") if link else None
+        if self.link is not None and self.link.endswith("/"):
+            raise Invalid("disk link %s is refused: it names a directory" % validate.show(self.link))
+        if size_bytes is not None:
+            size_bytes = validate.number(str(size_bytes), "volume size in bytes", 0, 2 ** 62)
+        self.size_bytes = size_bytes
+
+    def __repr__(self):
+        return "Volume(%r, %r, %r, link=%r, size_bytes=%r)" % (
+            self.portal, self.iqn, self.volume, self.link, self.size_bytes)
+
+
+class Chap:
+    """CHAP credentials for the node records; the password never reaches any argv or log."""
+
+    def __init__(self, user: str, password: str):
+        self.user = validate.chap_user(str(user or ""), "CHAP user")
+        password = "" if password is None else str(password)
+        if not password:
+            raise Invalid("the CHAP password is empty")
+        if any(c in password for c in "\r\n\x00"):
+            raise Invalid("the CHAP password is refused: it contains a newline or NUL character")
+        log.secret(password)
+        self._password = password
+
+    @property
+    def password(self) -> str:
+        return self._password
+
+    def __repr__(self):
+        return "Chap(%r, '****')" % self.user
+
+
+class HostFailure(Failure):
+    """A host script failed for some volumes; `devices` holds the ones that did attach."""
+
+    def __init__(self, message: str, devices: dict | None = None, failed: list | None = None):
+        super().__init__(message)
+        self.devices = devices or {}
+        self.failed = failed or []
+
+
+def lock_file(iqn: str) -> str:
+    """The name of the per-target lock file on the host (in /run/lock or its fallback)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", iqn)[:150]
+    return "oneiscsi-%s-%s.lock" % (safe, hashlib.sha1(iqn.encode()).hexdigest()[:8])
+
+
+# ---------------------------------------------------------------- the sh library
+LIB = r"""
+umask 022
+say() { printf '%s\n' "$*" >&2; }
+now() { date +%s; }
+nap() { sleep 0.2 2>/dev/null || sleep 1; }
+if [ "$(id -u)" = 0 ]; then SUDO=
+elif command -v sudo >/dev/null 2>&1 && sudo -n iscsiadm --version >/dev/null 2>&1; then SUDO="sudo -n"
+else SUDO=
+fi
+LOCKDIR=/tmp
+for d in /run/lock /var/lock; do
+  if [ -d "$d" ] && [ -k "$d" ] && [ -w "$d" ]; then LOCKDIR=$d; break; fi
+done
+PRE=
+command -v iscsiadm >/dev/null 2>&1 || [ -n "$SUDO" ] || PRE="iscsiadm not found: install open-iscsi"
+command -v flock >/dev/null 2>&1 || PRE="flock not found: install util-linux"
+T=$(mktemp -d "${TMPDIR:-/tmp}/oneiscsi.XXXXXX") || { echo "FAIL - preflight 1 mktemp failed"; exit 1; }
+trap 'rm -rf "$T"' EXIT
+status=0
+
+# iscsiadm as root: exit code in $rc, last output line in $last; output to stderr on failure
+adm() {
+  out=$($SUDO iscsiadm "$@" 2>&1); rc=$?
+  last=$(printf '%s\n' "$out" | sed -e '/^[[:space:]]*$/d' -e '/Could not log into all portals/d' \
+    -e 's/^iscsiadm: //' | tail -n 1)
+  [ $rc -eq 0 ] || [ -z "$out" ] || printf '%s\n' "$out" >&2
+  return $rc
+}
+node() { adm -m node -T "$IQN" -p "$PORTAL" ${IFACE:+-I "$IFACE"} "$@"; }
+
+result() { r=$1; shift; printf '%s %s%s\n' "$r" "$KEY" "${*:+ $*}" > "$T/$N.res"; }
+fail() { say "$1 failed (rc $2): $3"; result FAIL "$1" "$2" "$3"; }
+
+# job N KEY LOCKNAME FUNCTION ARGS...: FUNCTION under the target's flock
+job() {
+  N=$1 KEY=$2 lock=$LOCKDIR/$3; shift 3
+  if [ -n "$PRE" ]; then fail preflight 1 "$PRE"; return; fi
+  (umask 0111; : >> "$lock") 2>/dev/null
+  if [ ! -r "$lock" ]; then fail lock 1 "cannot open the lock file $lock"; return; fi
+  {
+    if flock -w "$LOCKWAIT" 9; then "$@"
+    else fail lock 1 "another action held $lock for $LOCKWAIT s"; fi
+  } 9< "$lock"
+}
+
+# finish N KEY: print the job's result line (stdout) and its detail (stderr)
+finish() {
+  if [ -s "$T/$1.err" ]; then
+    while IFS= read -r l || [ -n "$l" ]; do printf '[%s] %s\n' "$2" "$l"; done < "$T/$1.err" >&2
+  fi
+  if [ -s "$T/$1.res" ]; then cat "$T/$1.res"
+  else printf 'FAIL %s internal 1 %s\n' "$2" "$(tail -n 1 "$T/$1.err" 2>/dev/null)"; status=1; return; fi
+  case $(cat "$T/$1.res") in OK*) ;; *) status=1 ;; esac
+}
+
+has_session() {
+  s=$($SUDO iscsiadm -m session 2>/dev/null) || return 1
+  printf '%s\n' "$s" | awk -v p="$PORTAL" -v t="$IQN" -v h="$BPHOST" '
+    ($1 == "tcp:" || $1 == "iser:") && $4 == t {
+      q = $3; sub(/,[^,]*$/, "", q)
+      if (h == "*" || tolower(q) == tolower(p)) f = 1
+    }
+    END { exit !f }'
+}
+
+# the device path of the target: its by-path link (any LUN), else (with $1 = yes) BASE/VOL
+find_dev() {
+  for f in /dev/disk/by-path/*ip-$BPHOST:$PORT-iscsi-$IQN-lun-*; do
+    if [ -e "$f" ]; then printf '%s\n' "$f"; return 0; fi
+  done
+  if [ "$1" = yes ] && [ -n "$VOL" ] && [ -e "$BASE/$VOL" ]; then printf '%s\n' "$BASE/$VOL"; return 0; fi
+  return 1
+}
+
+# wait_dev: bounded wait for the disk; udev makes BASE/VOL and by-path links one after the
+# other, so BASE/VOL alone only counts once it has been there for a few rounds
+wait_dev() {
+  end=$(( $(now) + WAIT )) seen=0
+  until dev=$(find_dev $([ $seen -ge 5 ] && echo yes)); do
+    if [ "$(now)" -ge "$end" ]; then return 1; fi
+    if [ -z "$rescanned" ]; then
+      say "session without a disk (deleted?): rescanning"; node --rescan; rescanned=1
+    fi
+    if [ -n "$VOL" ] && [ -e "$BASE/$VOL" ]; then seen=$((seen + 1)); fi
+    nap
+  done
+}
+
+# size in bytes of the disk behind $1 (sysfs needs no root)
+dev_size() {
+  d=$(readlink -f "$1") || return 1
+  n=$(cat "/sys/block/${d##*/}/size" 2>/dev/null)
+  case $n in
+    ''|*[!0-9]*) ;;
+    *) echo $((n * 512)); return 0 ;;
+  esac
+  if [ -b "$d" ]; then $SUDO blockdev --getsize64 "$d"; return; fi
+  if [ -f "$d" ]; then say "$d is a regular file (iscsiadm stand-in): size from stat"; stat -L -c %s "$d"; return; fi
+  return 1
+}
+
+# wait_size DEV SIZE: until the device has at least SIZE bytes (bounded by WAIT)
+wait_size() {
+  end=$(( $(now) + WAIT ))
+  while :; do
+    sz=$(dev_size "$1") || sz=
+    [ -n "$sz" ] && [ "$sz" -ge "$2" ] && return 0
+    [ "$(now)" -ge "$end" ] && return 1
+    nap
+  done
+}
+
+undo() {
+  if [ -n "$loggedin" ]; then node --logout || say "logout after the failure failed (rc $rc)"; fi
+  if [ -n "$created" ]; then node -o delete || say "node delete after the failure failed (rc $rc)"; fi
+  return 0
+}
+
+attach_one() {  # VOL PORTAL BPHOST PORT IQN LINK SIZE
+  VOL=$1 PORTAL=$2 BPHOST=$3 PORT=$4 IQN=$5 LINK=$6 SIZE=$7
+  created= loggedin= tries=0
+  until node; do
+    if [ $rc -eq 21 ] || [ $rc -eq 255 ]; then
+      if node -o new; then created=1; say "node record created"; break; fi
+    fi
+    if [ $rc -ne 6 ] || [ $tries -ge 5 ]; then fail node-record $rc "$last"; undo; return; fi
+    tries=$((tries + 1)); sleep 1
+  done
+  if [ -n "$CHAP_USER" ]; then
+    node -o update -n node.session.auth.authmethod -v CHAP &&
+      node -o update -n node.session.auth.username -v "$CHAP_USER" &&
+      node -o update -n node.session.auth.password -v "$CHAP_PASS" ||
+      { fail chap-settings $rc "$last"; undo; return; }
+  fi
+  node -o update -n node.startup -v manual || { fail node-startup $rc "$last"; undo; return; }
+  if has_session; then
+    say "already logged in"
+  else
+    node --login
+    case $rc in
+      0) loggedin=1; say "logged in" ;;
+      15) say "logged in meanwhile (15)" ;;
+      *) fail login $rc "$last"; undo; return ;;
+    esac
+  fi
+  rescanned=$loggedin
+  if ! wait_dev; then fail device 1 "no device for $IQN after $WAIT s"; undo; return; fi
+  if [ -n "$SIZE" ]; then
+    sz=$(dev_size "$dev") || sz=
+    if [ -z "$sz" ]; then
+      say "the size of $dev cannot be read: not checked"
+    elif [ "$sz" -lt "$SIZE" ]; then
+      say "$dev has $sz bytes, less than $SIZE: rescanning"
+      node --rescan
+      if ! wait_size "$dev" "$SIZE"; then
+        fail size 1 "$dev has $sz bytes, the volume $SIZE"; undo; return
+      fi
+    fi
+  fi
+  if [ -n "$LINK" ]; then
+    dir=${LINK%/*}
+    if ! { mkdir -p "${dir:-/}" && ln -sfn "$dev" "$LINK"; }; then
+      fail link 1 "cannot create the link $LINK"; undo; return
+    fi
+  fi
+  result OK "$dev"
+}
+
+detach_one() {  # VOL PORTAL BPHOST PORT IQN LINK
+  VOL=$1 PORTAL=$2 BPHOST=$3 PORT=$4 IQN=$5 LINK=$6
+  devs=
+  for f in /dev/disk/by-path/*ip-$BPHOST:$PORT-iscsi-$IQN-lun-* ${VOL:+"$BASE/$VOL"}; do
+    [ -e "$f" ] || continue
+    d=$(readlink -f "$f") || continue
+    case " $devs " in *" $d "*) continue ;; esac
+    devs="$devs $d"
+    if [ -b "$d" ]; then
+      $SUDO blockdev --flushbufs "$d" >&2 || say "flushing $d failed"
+    fi
+    if [ -e "/sys/block/${d##*/}/device/delete" ]; then
+      echo 1 | $SUDO tee "/sys/block/${d##*/}/device/delete" >/dev/null || say "deleting ${d##*/} failed"
+    fi
+  done
+  node --logout
+  case $rc in 0) say "logged out" ;; 21) ;; *) fail logout $rc "$last"; return ;; esac
+  tries=0
+  until node -o delete; do
+    [ $rc -eq 21 ] && break
+    if [ $rc -ne 6 ] && [ $rc -ne 15 ] || [ $tries -ge 5 ]; then fail node-delete $rc "$last"; return; fi
+    tries=$((tries + 1)); sleep 1
+  done
+  if [ -n "$LINK" ] && [ -L "$LINK" ]; then
+    t=$(readlink "$LINK") mine=
+    case " $devs " in *" $t "*) mine=1 ;; esac
+    case $t in /dev/disk/by-path/*ip-$BPHOST:$PORT-iscsi-$IQN-lun-*|"$BASE/$VOL") mine=1 ;; esac
+    if [ -n "$mine" ]; then rm -f "$LINK"; else say "$LINK points to $t, not to this volume: left alone"; fi
+  fi
+  result OK
+}
+
+rescan_one() {  # VOL PORTAL BPHOST PORT IQN SIZE
+  VOL=$1 PORTAL=$2 BPHOST=$3 PORT=$4 IQN=$5 SIZE=$6
+  if ! has_session; then fail rescan 21 "no session for $IQN on this host"; return; fi
+  node --rescan || { fail rescan $rc "$last"; return; }
+  rescanned=1
+  if ! wait_dev; then fail device 1 "no device for $IQN after $WAIT s"; return; fi
+  if [ -n "$SIZE" ] && ! wait_size "$dev" "$SIZE"; then
+    fail size 1 "$dev has $(dev_size "$dev") bytes after the rescan, the volume $SIZE"; return
+  fi
+  result OK "$dev" "$(dev_size "$dev")"
+}
+
+sessions_list() {
+  s=$($SUDO iscsiadm -m session 2>&1); rc=$?
+  case $rc in
+    0) printf '%s\n' "$s" | awk '($1 == "tcp:" || $1 == "iser:") { q = $3; sub(/,[^,]*$/, "", q); print q, $4 }' ;;
+    21) ;;
+    *) printf '%s\n' "$s" >&2; last=$(printf '%s\n' "$s" | tail -n 1); return 1 ;;
+  esac
+}
+
+# stray IQN LOCKNAME: detach every session of IQN (the portal comes from the session)
+stray() {
+  for p in $(printf '%s\n' "$SESSIONS" | awk -v t="$1" '$2 == t { print $1 }'); do
+    n=$((n + 1))
+    h=${p%:*}; h=${h#\[}; h=${h%\]}
+    ( job "$n" "$1" "$2" detach_one '' "$p" "$h" "${p##*:}" "$1" '' ) > "$T/$n.err" 2>&1 < /dev/null
+    finish "$n" "$1"
+  done
+}
+"""
+
+
+def _settings(iface=None, base="/dev/eql", wait=30, chap=None) -> str:
+    lines = ["IFACE=%s" % hostrun.q(iface or ""), "BASE=%s" % hostrun.q(base),
+             "WAIT=%d" % wait, "LOCKWAIT=%d" % (2 * wait + 60),
+             "CHAP_USER=%s" % hostrun.q(chap.user if chap else "")]
+    text = "\n".join(lines) + "\n"
+    if chap is not None:
+        text += hostrun.heredoc_value("CHAP_PASS", chap.password)
+    return text
+
+
+def _script(settings: str, body: str) -> str:
+    """Everything runs inside main() with stdin from /dev/null: the script itself arrives on
+    stdin (`sh -s`), nothing may read it, and a truncated script never starts."""
+    return "main() {\n%s%s%s\nexit $status\n}\nmain < /dev/null\n" % (settings, LIB, body)
+
+
+def _parallel(calls: list) -> str:
+    """calls: [(key, lockname, function, [args])] -> background jobs, wait, result lines."""
+    out = []
+    for i, (key, lockname, func, args) in enumerate(calls, 1):
+        out.append("( job %d %s %s %s %s ) > \"$T/%d.err\" 2>&1 < /dev/null &"
+                   % (i, hostrun.q(key), hostrun.q(lockname), func,
+                      " ".join(hostrun.q(a) for a in args), i))
+    out.append("wait")
+    out += ["finish %d %s" % (i, hostrun.q(key)) for i, (key, _, _, _) in enumerate(calls, 1)]
+    return "\n".join(out)
+
+
+def _vol_args(v: Volume) -> list:
+    return [v.volume, v.portal, v.bypath_host, str(v.port), v.iqn]
+
+
+def _check(vols, iface, base_device, wait):
+    vols = list(vols or [])
+    if not vols:
+        raise Invalid("no volumes given")
+    for v in vols:
+        if not isinstance(v, Volume):
+            raise TypeError("expected Volume, got %r" % (v,))
+    names = [v.volume for v in vols]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise Invalid("volume %s is given twice" % ", ".join(dup))
+    if iface is not None and iface != "":
+        validate.reject_dangerous(str(iface), "EQL_IFACE")
+        if not _IFACE.match(str(iface)):
+            raise Invalid("EQL_IFACE %s is refused: not an iSCSI interface name" % validate.show(iface))
+    base = validate.safe_path(str(base_device or ""), "EQL_BASE_DEVICE").rstrip("/") or "/"
+    wait = validate.number(str(wait), "EQL_WAIT_TIME", 1, 3600)
+    return vols, iface or None, base, wait
+
+
+# ---------------------------------------------------------------- result handling
+_REASONS = {
+    "node-record": ("iscsiadm could not read or create the node record",
+                    "check open-iscsi on the host and the sudoers line for oneadmin (see README)"),
+    "chap-settings": ("iscsiadm could not set CHAP on the node record",
+                      "check open-iscsi on the host and the sudoers line for oneadmin (see README)"),
+    "node-startup": ("iscsiadm could not set node.startup",
+                     "check open-iscsi on the host and the sudoers line for oneadmin (see README)"),
+    "login": ("login failed", "check the portal, the volume's access records and the host's iscsid"),
+    "device": ("no disk appeared", "check udev on the host and that the target has a disk LUN; "
+                                   "raise EQL_WAIT_TIME for slow hosts"),
+    "size": ("the disk is smaller than the volume", "rescan the session or check the volume size"),
+    "link": ("the disk link could not be made", "check that oneadmin can write the VM directory"),
+    "lock": ("the target stayed locked by another oneiscsi action",
+             "retry; look for a hung iscsiadm on the host"),
+    "preflight": ("the host is not ready", "install what is missing"),
+    "logout": ("logout failed", "stop what still uses the disk on the host (a running VM?)"),
+    "node-delete": ("iscsiadm could not delete the node record", "check open-iscsi on the host"),
+    "rescan": ("rescan failed", "attach the volume on this host first"),
+    "session": ("iscsiadm -m session failed", "check open-iscsi on the host"),
+    "internal": ("the host script stopped unexpectedly", "see the DEBUG lines of the log"),
+}
+_LOGIN = {
+    24: ("CHAP authentication failed at login",
+         "check the CHAP user and password (EQL_CHAP_USER, EQL_CHAP_PASS_FILE or the host's "
+         "iscsid.conf) and the volume's access records"),
+    19: ("the target refused the login: no such target or not allowed",
+         "check that the volume exists and its access records admit this host's initiator name"),
+    20: ("iscsid is not running", "start iscsid on the host (systemctl start iscsid)"),
+    12: ("the iSCSI kernel modules are not loaded", "modprobe iscsi_tcp on the host"),
+    8: ("the portal did not answer in time", "check the network path from the host to the portal"),
+    4: ("cannot connect to the portal", "check the network path from the host to the portal"),
+}
+
+
+def _parse(res, keys) -> dict:
+    """stdout lines -> {key: ("OK", [words]) | ("FAIL", step, rc, text)}"""
+    out = {}
+    for line in (res.stdout or "").splitlines():
+        words = line.split(" ")
+        if words[0] == "OK" and len(words) >= 2 and words[1] in keys:
+            if out.get(words[1], ("OK",))[0] == "OK":
+                out[words[1]] = ("OK", words[2:])
+        elif words[0] == "FAIL" and len(words) >= 4 and (words[1] in keys or words[1] == "-"):
+            text = " ".join(words[4:])
+            rc = int(words[3]) if words[3].isdigit() else 1
+            for k in (keys if words[1] == "-" else [words[1]]):
+                out[k] = ("FAIL", words[2], rc, text)
+    return out
+
+
+def _reason(step, rc, text) -> tuple:
+    reason, fix = _REASONS.get(step, _REASONS["internal"])
+    if step == "login" and rc in _LOGIN:
+        reason, fix = _LOGIN[rc]
+    detail = log.mask(text.strip())
+    if step in ("device", "size", "link", "lock", "preflight", "internal"):
+        return "%s (%s)" % (reason, detail) if detail else reason, fix
+    return "%s (iscsiadm exit %d%s)" % (reason, rc, ": " + detail if detail else ""), fix
+
+
+def _unreachable(host, res, what) -> Failure:
+    return Failure("host %s: not reachable over ssh for %s (%s)"
+                   % (host, what, hostrun.last_line(res.stderr) or "exit 255"))
+
+
+def _run(host, script, keys, what, timeout, missing_ok_host=False, require_all=True):
+    res = hostrun.run(host, script, timeout=timeout, what=what)
+    if hostrun.unreachable(res):
+        if missing_ok_host:
+            log.warn("host %s is not reachable over ssh (%s): %s skipped"
+                     % (host, hostrun.last_line(res.stderr) or "exit 255", what))
+            return None
+        raise _unreachable(host, res, what)
+    results = _parse(res, keys)
+    ok, failed = {}, []
+    for k in keys:
+        r = results.get(k)
+        if r is None and not require_all and res.returncode == 0:
+            continue
+        r = r or ("FAIL", "internal", res.returncode, hostrun.last_line(res.stderr) or "no result line")
+        if r[0] == "OK":
+            ok[k] = r[1]
+        else:
+            failed.append((k,) + r[1:])
+    if failed:
+        k, step, rc, text = failed[0]
+        reason, fix = _reason(step, rc, text)
+        more = " (also failed: %s)" % ", ".join(f[0] for f in failed[1:]) if failed[1:] else ""
+        raise HostFailure("host %s: %s: %s; %s%s" % (host, k, reason, fix, more),
+                          {k: v[0] for k, v in ok.items() if v}, [f[0] for f in failed])
+    return ok
+
+
+# ---------------------------------------------------------------- public API
+def attach(host: str, vols: list, chap: Chap | None = None, iface: str | None = None,
+           base_device: str = "/dev/eql", wait: int = 30) -> dict:
+    """Log `vols` in on `host` (in parallel), wait for their disks, link them: {volume: device}.
+
+    Raises HostFailure (a Failure) naming the host and the first failed volume; the
+    volumes that did attach are in its `devices`, the failed ones were undone."""
+    vols, iface, base, wait = _check(vols, iface, base_device, wait)
+    if chap is not None and not isinstance(chap, Chap):
+        raise TypeError("chap must be a Chap")
+    calls = [(v.volume, lock_file(v.iqn), "attach_one",
+              _vol_args(v) + [v.link or "", "" if v.size_bytes is None else str(v.size_bytes)])
+             for v in vols]
+    script = _script(_settings(iface, base, wait, chap), _parallel(calls))
+    ok = _run(host, script, [v.volume for v in vols], "iSCSI attach", 4 * wait + 180)
+    missing = [k for k, words in ok.items() if not words]
+    if missing:
+        raise Failure("host %s: %s: the attach script named no device; see the DEBUG log" % (host, missing[0]))
+    return {k: words[0] for k, words in ok.items()}
+
+
+def detach(host: str, vols: list, iface: str | None = None, missing_ok_host: bool = False,
+           base_device: str = "/dev/eql") -> None:
+    """Flush, delete the SCSI disk, logout, node delete, remove the link; each step tolerates
+    "already gone". With missing_ok_host an unreachable host is a warning only."""
+    vols, iface, base, _ = _check(vols, iface, base_device, 30)
+    calls = [(v.volume, lock_file(v.iqn), "detach_one", _vol_args(v) + [v.link or ""]) for v in vols]
+    script = _script(_settings(iface, base), _parallel(calls))
+    _run(host, script, [v.volume for v in vols], "iSCSI detach", 600, missing_ok_host)
+
+
+def rescan(host: str, vols: list, wait: int = 30) -> None:
+    """After a SAN resize: `iscsiadm -m node -T -p --rescan`, then wait until each disk has
+    at least the volume's size_bytes (when given)."""
+    vols, _, base, wait = _check(vols, None, "/dev/eql", wait)
+    calls = [(v.volume, lock_file(v.iqn), "rescan_one",
+              _vol_args(v) + ["" if v.size_bytes is None else str(v.size_bytes)]) for v in vols]
+    script = _script(_settings(None, base, wait), _parallel(calls))
+    _run(host, script, [v.volume for v in vols], "iSCSI rescan", 4 * wait + 180)
+
+
+def sessions(host: str) -> list:
+    """[(portal, iqn)] of the host's iSCSI sessions (none: [])."""
+    script = _script(_settings(), "if sessions_list; then echo END; else echo \"FAIL - session $rc $last\"; status=1; fi")
+    res = hostrun.run(host, script, timeout=120, what="iSCSI session list")
+    if hostrun.unreachable(res):
+        raise _unreachable(host, res, "the session list")
+    lines = (res.stdout or "").splitlines()
+    if res.returncode != 0 or "END" not in lines:
+        raise Failure("host %s: cannot list iSCSI sessions (%s); check open-iscsi on the host"
+                      % (host, log.mask(hostrun.last_line(res.stderr)) or "exit %d" % res.returncode))
+    return [tuple(line.split(" ", 1)) for line in lines[:lines.index("END")] if " " in line]
+
+
+def logout_strays(host: str, iqns: list) -> list:
+    """Detach every session of these targets on `host` (portal taken from the session);
+    returns the IQNs logged out. An unreachable host is a warning (nothing to do there now)."""
+    iqns = [validate.iqn(str(i or ""), "target IQN") for i in iqns]
+    if not iqns:
+        return []
+    body = ["sessions_list > \"$T/sessions\" || { echo \"FAIL - session $rc $last\"; exit 1; }",
+            "SESSIONS=$(cat \"$T/sessions\") n=0"]
+    body += ["stray %s %s" % (hostrun.q(i), hostrun.q(lock_file(i))) for i in dict.fromkeys(iqns)]
+    script = _script(_settings(), "\n".join(body))
+    ok = _run(host, script, list(dict.fromkeys(iqns)), "stray iSCSI session cleanup", 600,
+              missing_ok_host=True, require_all=False)
+    return list(ok or [])
+
+
+__all__ = ["Volume", "Chap", "HostFailure", "attach", "detach", "rescan", "sessions", "logout_strays",
+           "lock_file", "SUDOERS_LINE"]

@@ -1,0 +1,211 @@
+"""Host-side iSCSI scripts with the REAL kernel initiator (QEMU TCG guest, open-iscsi,
+udev with the project's rules), next to a stand-in host on the same lab bridge and
+the same tgtd, so both initiators can be compared on identical targets.
+
+One guest boot per test session. The scripts reach the guest as oneadmin through the
+system ssh client (ONEISCSI_SSH), so they take the `sudo -n` path.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import subprocess
+
+import pytest
+
+from oneiscsi import log
+from oneiscsi.errors import Failure
+from oneiscsi.host import iscsi
+from oneiscsi.host.iscsi import Chap, Volume
+from tests.realhost import probe
+
+pytestmark = pytest.mark.realhost
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RULES = [(os.path.join(ROOT, "udev/61-oneiscsi-eql.rules"), "/etc/udev/rules.d/61-oneiscsi-eql.rules"),
+         (os.path.join(ROOT, "udev/oneiscsi-eql-volume"), "/etc/udev/scripts/oneiscsi-eql-volume")]
+LUN = 64 << 20
+SEED_OFF = 2 << 20
+WRITE_OFF = 4 << 20
+DISK = "/var/lib/one/datastores/0/%d/disk.%d"
+CHAP_USER = "hsuser"
+
+
+def eql_iqn(volume):
+    return "iqn.2001-05.com.equallogic:0-8a0906-%s-%s-%s" % (secrets.token_hex(5)[:9], secrets.token_hex(8), volume)
+
+
+@pytest.fixture(scope="session")
+def rig(tmp_path_factory):
+    from oneiscsi.sim import realhost
+    from oneiscsi.sim.hosts import Lab
+    from oneiscsi.sim.tgt import Tgtd
+    ok, why = realhost.available()
+    if not ok:
+        pytest.skip("real-kernel host unavailable: " + why)
+    work = tmp_path_factory.mktemp("hsreal")
+    lab = Lab(str(work / "lab"), hosts=("sa1",))
+    tgtd = rh = None
+    cfg = str(work / "ssh_config")
+    try:
+        lab.start()
+        tgtd = Tgtd(str(work / "tgtd"), portal=lab.san.addr + ":3260", netns=lab.san.netns)
+        tgtd.start()
+        net = lab.subnet.rsplit(".", 1)[0]
+        rh = realhost.RealHost(work / "kvm1", lab.bridge, net + ".50/24", name="kvm1", udev_rules=RULES)
+        rh.start(timeout=180)
+        print("real host boot %.1f s" % rh.boot_seconds)
+        cm = str(work / "cm-%r")
+        if len(cm) > 90:
+            cm = "/tmp/oneiscsi-hs-%d-%%r" % os.getpid()
+        with open(lab.ssh_config) as f:
+            text = f.read()
+        text += "\n".join(["", "Host kvm1", "  HostName " + rh.addr, "  User oneadmin",
+                           "  IdentityFile " + rh.identity, "  IdentitiesOnly yes",
+                           "  UserKnownHostsFile " + rh.known_hosts, "  GlobalKnownHostsFile /dev/null",
+                           "  StrictHostKeyChecking yes", "  BatchMode yes", "  LogLevel ERROR",
+                           "  ControlMaster auto", "  ControlPath " + cm, "  ControlPersist 120",
+                           "  ServerAliveInterval 5", ""])
+        with open(cfg, "w") as f:
+            f.write(text)
+        yield dict(lab=lab, tgtd=tgtd, rh=rh, work=work, ssh="ssh -F " + shlex.quote(cfg))
+    finally:
+        subprocess.run(["ssh", "-F", cfg, "-O", "exit", "kvm1"], capture_output=True, timeout=20)
+        if rh is not None:
+            rh.stop()
+        if tgtd is not None:
+            tgtd.stop()
+        lab.stop()
+
+
+@pytest.fixture
+def env(rig, monkeypatch, tmp_path):
+    monkeypatch.setenv("ONEISCSI_SSH", rig["ssh"])
+    monkeypatch.setenv("ONEISCSI_LOG", str(tmp_path / "oneiscsi.log"))
+    monkeypatch.setitem(log._state, "opened", False)        # reopen ONEISCSI_LOG for this test
+    monkeypatch.setitem(log._state, "file", None)
+    made = []
+
+    def target(chap_pw=None, params=None):
+        vol = "hsv-" + secrets.token_hex(3)
+        iqn = eql_iqn(vol)
+        backing = rig["work"] / (vol + ".img")
+        token = "SEED-" + secrets.token_hex(6)
+        with open(backing, "wb") as f:
+            f.truncate(LUN)
+            f.seek(SEED_OFF)
+            f.write(token.encode())
+        rig["tgtd"].add_target(iqn, str(backing), params=params)
+        rig["tgtd"].bind(iqn)
+        if chap_pw:
+            rig["tgtd"].set_chap(iqn, CHAP_USER, chap_pw)
+        made.append(iqn)
+        return dict(vol=vol, iqn=iqn, backing=backing, token=token)
+
+    yield dict(rig, target=target, logfile=tmp_path / "oneiscsi.log")
+    if log._state.get("file") is not None:
+        log._state["file"].close()
+    for iqn in made:
+        rig["tgtd"].delete_target(iqn)
+
+
+def guest(rig, cmd, check=True):
+    return rig["rh"].ssh(cmd, check=check)
+
+
+def vol_of(rig, t, link=None, size=None):
+    return Volume(rig["tgtd"].portal, t["iqn"], t["vol"], link, size)
+
+
+def test_real_attach_detach_with_chap_and_eql_udev_name(env):
+    # oneadmin gets exactly the documented sudoers line (the guest image grants ALL)
+    env["rh"].put("/etc/sudoers.d/oneadmin", (iscsi.SUDOERS_LINE + "\n").encode(), mode=0o440)
+    r = guest(env, "visudo -c -f /etc/sudoers.d/oneadmin >/dev/null && echo valid; "
+                   "su oneadmin -s /bin/sh -c 'sudo -n true 2>/dev/null && echo broad; "
+                   "sudo -n iscsiadm --version >/dev/null && echo narrow'", check=False)
+    assert r.stdout.split() == ["valid", "narrow"], r.stdout + r.stderr
+    pw = "rh" + secrets.token_hex(8)
+    t = env["target"](pw, params={"vendor_id": "EQLOGIC"})
+    link = DISK % (21, 0)
+    v = vol_of(env, t, link, LUN)
+    with pytest.raises(Failure) as ei:
+        iscsi.attach("kvm1", [v], chap=Chap(CHAP_USER, "wrong" + pw))
+    assert "kvm1" in str(ei.value) and "CHAP" in str(ei.value) and pw not in str(ei.value)
+    r = guest(env, "iscsiadm -m session; echo rc=$?; iscsiadm -m node; echo rc=$?", check=False)
+    assert "rc=21\n" in r.stdout and t["iqn"] not in r.stdout        # no session, no record left
+
+    devs = iscsi.attach("kvm1", [v], chap=Chap(CHAP_USER, pw))
+    dev = devs[t["vol"]]
+    assert dev == "/dev/disk/by-path/ip-%s-iscsi-%s-lun-1" % (env["tgtd"].portal, t["iqn"])
+    again = iscsi.attach("kvm1", [v], chap=Chap(CHAP_USER, pw))
+    assert again == devs
+    tgt = env["tgtd"].targets()[t["iqn"]]
+    assert tgt["sessions"] == 1 and tgt["initiators"] == [env["rh"].initiator_name]
+
+    r = guest(env, "readlink %s; readlink -f %s; readlink -f /dev/eql/%s; cat /sys/block/$(basename $(readlink -f %s))/device/timeout"
+              % (link, link, t["vol"], dev))
+    target, real, eql, timeout = r.stdout.split()
+    assert target == dev and real.startswith("/dev/sd") and eql == real     # /dev/eql/<volume> from the rules
+    assert timeout == "60"                                                  # EQLOGIC tuning rule
+    assert guest(env, "dd if=%s bs=512 skip=%d count=1 iflag=direct 2>/dev/null | head -c %d"
+                 % (link, SEED_OFF // 512, len(t["token"]))).stdout == t["token"]
+    written = "REAL-" + secrets.token_hex(6)
+    guest(env, "{ printf %s; head -c %d /dev/zero; } | dd of=%s bs=4096 seek=%d oflag=direct conv=notrunc 2>/dev/null"
+          % (written, 4096 - len(written), link, WRITE_OFF // 4096))
+    with open(t["backing"], "rb") as f:
+        f.seek(WRITE_OFF)
+        assert f.read(len(written)).decode() == written                     # data is in the backing file
+
+    sd = os.path.basename(real)
+    iscsi.detach("kvm1", [v])
+    r = guest(env, "test -e /sys/block/%s && echo sd-present; test -e /dev/eql/%s && echo eql-present; "
+              "test -L %s && echo link-present; iscsiadm -m session; echo rc=$?; iscsiadm -m node; echo rc=$?"
+              % (sd, t["vol"], link), check=False)
+    assert "present" not in r.stdout and r.stdout.count("rc=21") == 2
+    detail = [line for line in env["logfile"].read_text().splitlines() if "iSCSI detach on kvm1: rc=0" in line]
+    assert detail and "logged out" in detail[0] and "failed" not in detail[0]   # flush + sysfs delete via sudo
+    assert env["tgtd"].sessions(t["iqn"]) == 0
+    iscsi.detach("kvm1", [v])                                               # twice is fine
+
+
+def test_same_operations_same_names_on_stand_in_and_real_host(env):
+    """The project's scripts on both initiators: the same device names and the same
+    outcome; then the raw iscsiadm probe for exit codes and by-path names."""
+    names, sess = {}, {}
+    for host in ("sa1", "kvm1"):
+        a, b = env["target"](), env["target"]()
+        devs = iscsi.attach(host, [vol_of(env, a, DISK % (22, 0)), vol_of(env, b, DISK % (22, 1))])
+        names[host] = sorted(d.replace(a["iqn"], "{a}").replace(b["iqn"], "{b}") for d in devs.values())
+        sess[host] = sorted(iqn.replace(a["iqn"], "{a}").replace(b["iqn"], "{b}")
+                            for _, iqn in iscsi.sessions(host))
+        assert iscsi.logout_strays(host, [a["iqn"]]) == [a["iqn"]]
+        assert iscsi.sessions(host) == [(env["tgtd"].portal, b["iqn"])]
+        iscsi.detach(host, [vol_of(env, b, DISK % (22, 1))])
+        assert iscsi.sessions(host) == []
+    assert names["sa1"] == names["kvm1"] == [
+        "/dev/disk/by-path/ip-%s-iscsi-{%s}-lun-1" % (env["tgtd"].portal, x) for x in "ab"]
+    assert sess["sa1"] == sess["kvm1"] == ["{a}", "{b}"]
+
+    pw = "pr" + secrets.token_hex(8)
+    summaries = {}
+    for host in ("sa1", "kvm1"):
+        t = env["target"](pw)
+        stdin = probe.probe_input(env["tgtd"].portal, t["iqn"], CHAP_USER, pw, "bad" + pw,
+                                  "TOKEN-" + secrets.token_hex(4), SEED_OFF)
+        if host == "sa1":
+            r = env["lab"].hosts["sa1"].run(probe.probe_command(), input=stdin, timeout=300)
+            env["lab"].hosts["sa1"].run("iscsiadm -m node -o delete", check=False)
+        else:
+            r = env["rh"].ssh(probe.probe_command(), input=stdin, timeout=300)
+            guest(env, "iscsiadm -m node -o delete", check=False)
+        res = probe.parse(r.stdout)
+        assert res.get("done") == "1", r.stdout + r.stderr
+        summaries[host] = probe.summary(res, env["tgtd"].portal, t["iqn"], host)
+    print("stand-in: %s\nreal:     %s" % (summaries["sa1"]["exit_codes"], summaries["kvm1"]["exit_codes"]))
+    codes = {h: dict(s["exit_codes"]) for h, s in summaries.items()}
+    # blockdev cannot work on the stand-in's LUN file (its documented difference): not iscsiadm
+    assert codes["sa1"].pop("flush") == 1 and codes["kvm1"].pop("flush") == 0
+    assert codes["sa1"] == codes["kvm1"]
+    assert codes["kvm1"]["login_badchap"] == 24 and codes["kvm1"]["login_again"] == 15
+    assert summaries["sa1"]["by_path"] == summaries["kvm1"]["by_path"] == ["ip-{portal}-iscsi-{iqn}-lun-1"]
