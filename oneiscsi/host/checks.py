@@ -52,9 +52,57 @@ fi
 """
 
 
-def script(usages=(), portals=(), libvirt=True) -> str:
-    """usages: validated ISCSI_USAGE values; portals: validated (host, port) pairs."""
-    parts = [QEMU]
+# The EqualLogic side of a hypervisor: open-iscsi logs in, the driver's udev rules name the devices.
+OPEN_ISCSI = r"""
+if command -v iscsiadm >/dev/null 2>&1 || [ -x /usr/sbin/iscsiadm ] || [ -x /sbin/iscsiadm ]; then
+  echo "CHECK|iscsiadm|PASS|open-iscsi's iscsiadm is installed|"
+else
+  echo "CHECK|iscsiadm|FAIL|iscsiadm not found on $(hostname)|install open-iscsi"
+fi
+running=""
+for p in /proc/[0-9]*; do [ "$(cat "$p/comm" 2>/dev/null)" = iscsid ] && running=yes && break; done
+if [ -n "$running" ]; then
+  echo "CHECK|iscsid|PASS|iscsid is running|"
+elif command -v systemctl >/dev/null 2>&1 && systemctl is-active -q iscsid.socket 2>/dev/null; then
+  echo "CHECK|iscsid|PASS|iscsid is socket-activated (iscsid.socket)|"
+else
+  echo "CHECK|iscsid|FAIL|iscsid is not running on $(hostname)|systemctl enable --now iscsid (or iscsid.socket)"
+fi
+name=$(sed -n 's/^[[:space:]]*InitiatorName=[[:space:]]*//p' /etc/iscsi/initiatorname.iscsi 2>/dev/null | head -1)
+case "$name" in
+  iqn.*|eui.*|naa.*) echo "CHECK|initiator name|PASS|$name|" ;;
+  *) echo "CHECK|initiator name|FAIL|no InitiatorName in /etc/iscsi/initiatorname.iscsi|echo InitiatorName=\$(iscsi-iname) > /etc/iscsi/initiatorname.iscsi" ;;
+esac
+if grep -Eq '^[[:space:]]*node\.startup[[:space:]]*=[[:space:]]*manual' /etc/iscsi/iscsid.conf 2>/dev/null; then
+  echo "CHECK|node.startup|PASS|node.startup = manual|"
+else
+  echo "CHECK|node.startup|FAIL|node.startup is not manual in /etc/iscsi/iscsid.conf: the host would log in to every volume at boot|set node.startup = manual in /etc/iscsi/iscsid.conf"
+fi
+if [ -f /etc/udev/rules.d/61-oneiscsi-eql.rules ] && [ -x /etc/udev/scripts/oneiscsi-eql-volume ]; then
+  echo "CHECK|udev rules|PASS|61-oneiscsi-eql.rules and oneiscsi-eql-volume installed|"
+else
+  echo "CHECK|udev rules|FAIL|the oneiscsi udev rules are not installed on $(hostname)|copy udev/61-oneiscsi-eql.rules to /etc/udev/rules.d/ and udev/oneiscsi-eql-volume to /etc/udev/scripts/ (mode 755), then udevadm control --reload"
+fi
+"""
+
+CHAP_DEFAULTS = r"""
+if grep -Eq '^[[:space:]]*node\.session\.auth\.authmethod[[:space:]]*=[[:space:]]*CHAP' /etc/iscsi/iscsid.conf 2>/dev/null \
+   && grep -Eq '^[[:space:]]*node\.session\.auth\.username[[:space:]]*=[[:space:]]*[^[:space:]]' /etc/iscsi/iscsid.conf 2>/dev/null; then
+  echo "CHECK|chap|PASS|CHAP defaults in /etc/iscsi/iscsid.conf|"
+else
+  echo "CHECK|chap|WARN|no CHAP defaults in iscsid.conf and no EQL_CHAP_USER: logins rely on IP/initiator access records|set node.session.auth.* in iscsid.conf or EQL_CHAP_USER/EQL_CHAP_PASS_FILE on the datastore"
+fi
+"""
+
+
+def script(usages=(), portals=(), libvirt=True, eql=False, eql_chap=False, qemu=True) -> str:
+    """usages: validated ISCSI_USAGE values; portals: validated (host, port) pairs; eql: the
+    EqualLogic host checks (eql_chap: the datastore gives CHAP itself, iscsid.conf needs none)."""
+    parts = [QEMU] if qemu else []
+    if eql:
+        parts.append(OPEN_ISCSI)
+        parts.append('echo "CHECK|chap|PASS|CHAP comes from the datastore (EQL_CHAP_USER)|"' if eql_chap
+                     else CHAP_DEFAULTS)
     if libvirt or usages:
         parts.append(LIBVIRT)
     for u in sorted(set(usages)):
