@@ -1,0 +1,224 @@
+"""Writing a volume through qemu-img's own iSCSI initiator (libiscsi): from the frontend,
+or from the first reachable BRIDGE_LIST host (the file is sent there over ssh first)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import tempfile
+import time
+
+from oneiscsi import log, validate
+from oneiscsi.drivers.eqliscsi.source import MiB, QEMU_IMG, Source, _rate, _unlink, last_line
+from oneiscsi.errors import Failure
+from oneiscsi.san import cli
+
+
+def _bridges(datastore) -> list:
+    hosts = datastore.tpl("BRIDGE_LIST").split()
+    return [validate.hostname(h, "BRIDGE_LIST host") for h in hosts]
+
+
+# ---- writing a volume through libiscsi ---------------------------------------------------
+class Writer:
+    """How qemu-img reaches one volume's target: portal, IQN, initiator name, CHAP."""
+
+    def __init__(self, cfg, iqn: str, rate: int = 0):
+        self.rate = rate  # LIMIT_TRANSFER_BW, bytes/s (qemu-img -r)
+        host, port = cfg.portal()
+        self.portal = validate.format_portal(host, port)
+        self.iqn = cli.initiator(iqn, "the volume's IQN")
+        self.initiator = cfg.initiator()
+        self.user = cfg.chap_user
+        self.password = cfg.chap_password() if self.user else ""
+
+    def opts(self, lun) -> str:
+        o = "driver=iscsi,transport=tcp,portal=%s,target=%s,lun=%s,initiator-name=%s" % (
+            self.portal, self.iqn, lun, self.initiator)
+        return o + (",user=%s,password-secret=sec0" % self.user if self.user else "")
+
+    def secret_args(self, path) -> list:
+        return ["--object", "secret,id=sec0,file=%s" % path] if self.user else []
+
+
+def convert_flags(w: Writer, fmt, zero_target=False) -> list:
+    """qemu-img convert options, without -O: with --target-image-opts the target is the
+    iscsi protocol driver itself (raw). -W -m 16: out-of-order writes, 16 coroutines."""
+    flags = ["-n", "-f", fmt, "-W", "-m", "16"] + (["-r", str(w.rate)] if w.rate else [])
+    return flags + (["--target-is-zero"] if zero_target else [])
+
+
+def convert_argv(w: Writer, src_path, fmt, lun, secret_path, zero_target=False) -> list:
+    return ([QEMU_IMG, "convert", "-p"] + convert_flags(w, fmt, zero_target) + w.secret_args(secret_path)
+            + [src_path, "--target-image-opts", w.opts(lun)])
+
+
+def info_argv(w: Writer, lun, secret_path) -> list:
+    return [QEMU_IMG, "info", "--output=json"] + w.secret_args(secret_path) + ["--image-opts", w.opts(lun)]
+
+
+def write_local(w: Writer, src: Source, zero_target=False) -> None:
+    """qemu-img on the frontend: find the LUN, convert with progress as INFO lines."""
+    secret_path = ""
+    try:
+        if w.user:
+            fd, secret_path = tempfile.mkstemp(prefix="oneiscsi-sec-")
+            with os.fdopen(fd, "w") as f:
+                f.write(w.password)
+        lun = _find_lun(w, src.size, secret_path)
+        log.info("writing %d MB (%s) to %s LUN %s" % (math.ceil(src.size / MiB), src.fmt, w.iqn, lun))
+        started = time.monotonic()
+        _convert_with_progress(convert_argv(w, src.path, src.fmt, lun, secret_path, zero_target))
+        took = max(time.monotonic() - started, 1e-6)
+        log.info("wrote %d MB in %.2f s (%.0f MiB/s)" % (math.ceil(src.size / MiB), took, src.size / MiB / took))
+    finally:
+        if secret_path:
+            _unlink(secret_path)
+
+
+def _find_lun(w: Writer, need: int, secret_path) -> int:
+    """The first of LUN 0 (a group) and LUN 1 (tgtd) whose size can hold `need` bytes;
+    both are asked at once."""
+    probes = [(lun, subprocess.Popen(info_argv(w, lun, secret_path), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)) for lun in (0, 1)]
+    errors, found = [], None
+    for lun, proc in probes:
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        if found is not None:
+            continue
+        if proc.returncode == 0:
+            try:
+                size = int(json.loads(out).get("virtual-size") or 0)
+            except ValueError:
+                size = 0
+            if size >= need:
+                found = lun
+            else:
+                errors.append("LUN %d: %d bytes" % (lun, size))
+        else:
+            errors.append("LUN %d: %s" % (lun, last_line(err)))
+    if found is None:
+        raise Failure("no LUN of %s on %s can hold %d bytes (%s)" % (w.iqn, w.portal, need, "; ".join(errors)))
+    return found
+
+
+def _convert_with_progress(argv) -> None:
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        raise Failure("%s is not installed on the frontend" % argv[0]) from None
+    import threading
+    err = []
+    t = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+    t.start()
+    step, pending = 10, b""
+    try:
+        while True:
+            data = proc.stdout.read1(4096)
+            if not data:
+                break
+            pending = (pending + data)[-256:]
+            for m in re.finditer(rb"\((\d+(?:\.\d+)?)/100%\)", pending):
+                pct = float(m.group(1))
+                while pct >= step and step < 100:
+                    log.info("copied %d%%" % step)
+                    step += 10
+            pending = pending[-32:]
+        rc = proc.wait()
+    except BaseException:  # interrupted (oned's timeout, ^C): the copy must not outlive us
+        proc.kill()
+        proc.wait()
+        raise
+    t.join(5)
+    if rc != 0:
+        msg = last_line(err[0].decode("utf-8", "replace") if err else "")
+        raise Failure("qemu-img convert failed: %s" % (log.mask(msg) or "exit code %d" % rc))
+    log.info("copied 100%")
+
+
+def write_bridge(hosts: list, w: Writer, src: Source, zero_target=False) -> None:
+    """The same qemu-img on the first reachable BRIDGE_LIST host (the file is sent over ssh first)."""
+    from oneiscsi import host as hostrun
+    tried = []
+    for h in hosts:
+        remote = _send_file(h, src.path)
+        if remote is None:
+            tried.append(h)
+            continue
+        log.info("writing %d MB (%s) to %s from bridge host %s" % (math.ceil(src.size / MiB), src.fmt, w.iqn, h))
+        res = hostrun.run(h, bridge_script(w, remote, src.fmt, src.size, zero_target), timeout=86400,
+                          what="image write")
+        if res.returncode != 0:
+            raise Failure("writing the image on bridge host %s failed: %s"
+                          % (h, log.mask(last_line(res.stderr)) or "exit code %d" % res.returncode))
+        return
+    raise Failure("no BRIDGE_LIST host is reachable over ssh (tried %s)" % ", ".join(tried))
+
+
+def _send_file(h: str, path: str):
+    """Copy a file to a 0600 temp file on host h in one ssh call -> its path, None if unreachable."""
+    from oneiscsi import host as hostrun
+    cmd = hostrun.ssh_command(h)[:-1] + [
+        "umask 077 && t=$(mktemp /var/tmp/oneiscsi-cp.XXXXXX) && cat > \"$t\" && echo \"$t\""]
+    with open(path, "rb") as f:
+        res = subprocess.run(cmd, stdin=f, capture_output=True, timeout=86400)
+    if res.returncode == 255:
+        log.warn("bridge host %s is not reachable: %s" % (h, last_line(res.stderr.decode("utf-8", "replace"))))
+        return None
+    out = res.stdout.decode("utf-8", "replace").strip()
+    if res.returncode != 0 or not re.fullmatch(r"/var/tmp/oneiscsi-cp\.[A-Za-z0-9]+", out):
+        raise Failure("cannot send the image to bridge host %s: %s"
+                      % (h, last_line(res.stderr.decode("utf-8", "replace")) or "exit code %d" % res.returncode))
+    return out
+
+
+def bridge_script(w: Writer, remote: str, fmt: str, size: int, zero_target=False) -> str:
+    from oneiscsi.host import heredoc_value, q
+    lines = ["umask 077", "img=%s" % q(remote), "sec=''",
+             "trap 'rm -f \"$img\" ${sec:+\"$sec\"}' EXIT"]
+    if w.user:
+        lines += ["sec=$(mktemp)", heredoc_value("pw", w.password).rstrip("\n"), "printf '%s' \"$pw\" > \"$sec\""]
+    sec_args = " ".join(q(a) for a in w.secret_args("SECRET")).replace(q("secret,id=sec0,file=SECRET"),
+                                                                        "\"secret,id=sec0,file=$sec\"")
+
+    def opts(lun_expr):
+        pre, post = w.opts("@LUN@").split("@LUN@")
+        return q(pre) + lun_expr + q(post)
+    lines += [
+        "lun=''",
+        "for l in 0 1; do",
+        "  s=$(%s info --output=json %s --image-opts %s 2>/dev/null | sed -n 's/.*\"virtual-size\": *\\([0-9]*\\).*/\\1/p' | head -n 1)"
+        % (q(QEMU_IMG), sec_args, opts("\"$l\"")),
+        "  if [ -n \"$s\" ] && [ \"$s\" -ge %d ]; then lun=$l; break; fi" % size,
+        "done",
+        "[ -n \"$lun\" ] || { echo 'no LUN of %s can hold the image' >&2; exit 3; }" % w.iqn,
+        "%s convert %s %s \"$img\" --target-image-opts %s"
+        % (q(QEMU_IMG), " ".join(q(f) for f in convert_flags(w, fmt, zero_target)), sec_args, opts("\"$lun\"")),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def check_write_settings(cfg, datastore) -> None:
+    """Everything a write needs, validated before any volume or data exists."""
+    cfg.group()
+    cfg.portal()
+    cfg.initiator()
+    cfg.chap_password()
+    _bridges(datastore)
+    _rate(datastore)
+
+
+def write(cfg, datastore, iqn: str, src: Source, zero_target=False) -> None:
+    w = Writer(cfg, iqn, _rate(datastore))
+    bridges = _bridges(datastore)
+    if bridges:
+        write_bridge(bridges, w, src, zero_target)
+    else:
+        write_local(w, src, zero_target)
+
