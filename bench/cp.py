@@ -18,16 +18,15 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP))
 
+from eqlbench import eql_bench  # noqa: E402
+
 from oneiscsi.sim import onexml  # noqa: E402
-from oneiscsi.sim.eql import EqlSim  # noqa: E402
-from oneiscsi.sim.tgt import Tgtd  # noqa: E402
 
 
 def main() -> int:
@@ -36,87 +35,60 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable)
     a = ap.parse_args()
-    pyz = TOP / "dist" / "oneiscsi.pyz"
-    subprocess.run([sys.executable, str(TOP / "build.py")], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    with tempfile.TemporaryDirectory(prefix="bench-cp-", dir="/var/tmp") as tmp:
-        tmp = Path(tmp)
-        tgtd = Tgtd(str(tmp / "tgt"))
-        tgtd.start()
-        sim = EqlSim(str(tmp / "sim"), tgtd=tgtd)
-        try:
-            sim.start()
-            (tmp / "known_hosts").write_text(sim.host_key_line() + "\n")
-            conf = tmp / "eqliscsi.conf"
-            conf.write_text('EQL_HOST="127.0.0.1:%d"\nEQL_USER=grpadmin\nEQL_PASS=secret\nEQL_KNOWN_HOSTS=%s\n'
-                            'EQL_PORTAL=%s\nEQL_INITIATOR=iqn.2024-01.org.oneiscsi:bench\n'
-                            % (sim.port, tmp / "known_hosts", tgtd.portal))
-            conf.chmod(0o600)
-            remotes = tmp / "remotes"
-            remotes.mkdir()
-            (remotes / "VERSION").write_text("6.8.0\n")
-            subprocess.run([a.python, str(pyz), "install", "--remotes", str(remotes), "--python", a.python],
-                           check=True, capture_output=True)
-            link = remotes / "datastore" / "eqliscsi" / "cp"
-            if not link.exists():  # install skips eqliscsi until its TM module exists
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(Path("..", "..", "oneiscsi", "oneiscsi"))
-            env = dict(os.environ, ONEISCSI_EQL_CONF=str(conf), ONEISCSI_LOCK_DIR=str(tmp / "locks"),
-                       ONEISCSI_LOG=str(tmp / "log"))
-            src = tmp / "src.raw"
-            with open(src, "wb") as f:
-                for _ in range(a.mib):
-                    f.write(os.urandom(1024 * 1024))
-            ds = onexml.datastore_xml(ds_id=110, ds_mad="eqliscsi", tm_mad="eqliscsi")
-            cp_t, copy_t, plain_t, fast_t = [], [], [], []
-            logfile = tmp / "log"
-            def action(i):
-                b64 = onexml.ds_action_data(onexml.image_xml(iid=i, name="bench", path=str(src), ds_id=110), ds)
-                t = time.perf_counter()
-                res = subprocess.run([str(link), str(i)], input=b64, capture_output=True, text=True, env=env)
-                took = time.perf_counter() - t
-                if res.returncode != 0:
-                    raise SystemExit("cp failed: %s" % res.stderr)
-                wrote = [ln for ln in logfile.read_text().splitlines() if " wrote %d MB in " % a.mib in ln]
-                sim.group.set_online("bench.%d" % i, False)
-                sim.group.delete_volume("bench.%d" % i)
-                return took, float(wrote[-1].split(" in ")[1].split()[0])
+    with eql_bench("bench-cp-", a.python, tmp_dir="/var/tmp") as b:
+        tmp, sim, tgtd, env = b.tmp, b.sim, b.tgtd, b.env
+        link = b.remotes / "datastore" / "eqliscsi" / "cp"
+        src = tmp / "src.raw"
+        with open(src, "wb") as f:
+            for _ in range(a.mib):
+                f.write(os.urandom(1024 * 1024))
+        ds = onexml.datastore_xml(ds_id=110, ds_mad="eqliscsi", tm_mad="eqliscsi")
+        cp_t, copy_t, plain_t, fast_t = [], [], [], []
+        logfile = tmp / "log"
+        def action(i):
+            b64 = onexml.ds_action_data(onexml.image_xml(iid=i, name="bench", path=str(src), ds_id=110), ds)
+            t = time.perf_counter()
+            res = subprocess.run([str(link), str(i)], input=b64, capture_output=True, text=True, env=env)
+            took = time.perf_counter() - t
+            if res.returncode != 0:
+                raise SystemExit("cp failed: %s" % res.stderr)
+            wrote = [ln for ln in logfile.read_text().splitlines() if " wrote %d MB in " % a.mib in ln]
+            sim.group.set_online("bench.%d" % i, False)
+            sim.group.delete_volume("bench.%d" % i)
+            return took, float(wrote[-1].split(" in ")[1].split()[0])
 
-            def plain(i, extra):
-                v = sim.group.create_volume("plain-%d" % i, a.mib, unrestricted=True)
-                t = time.perf_counter()
-                subprocess.run(["qemu-img", "convert", "-n"] + extra + ["-f", "raw", "-O", "raw", str(src),
-                                "iscsi://%s/%s/1" % (tgtd.portal, v.iqn)], check=True)
-                took = time.perf_counter() - t
-                sim.group.set_online(v.name, False)
-                sim.group.delete_volume(v.name)
-                return took
+        def plain(i, extra):
+            v = sim.group.create_volume("plain-%d" % i, a.mib, unrestricted=True)
+            t = time.perf_counter()
+            subprocess.run(["qemu-img", "convert", "-n"] + extra + ["-f", "raw", "-O", "raw", str(src),
+                            "iscsi://%s/%s/1" % (tgtd.portal, v.iqn)], check=True)
+            took = time.perf_counter() - t
+            sim.group.set_online(v.name, False)
+            sim.group.delete_volume(v.name)
+            return took
 
-            for i in range(a.runs + 1):  # round 0 warms caches and is not counted; the order alternates
-                steps = [("cp", lambda: action(i)), ("plain", lambda: plain(2 * i, [])),
-                         ("fast", lambda: plain(2 * i + 1, ["-W", "-m", "16"]))]
-                got = dict((name, fn()) for name, fn in (steps if i % 2 else steps[::-1]))
-                if i:
-                    cp_t.append(got["cp"][0])
-                    copy_t.append(got["cp"][1])
-                    plain_t.append(got["plain"])
-                    fast_t.append(got["fast"])
-            mib = a.mib
+        for i in range(a.runs + 1):  # round 0 warms caches and is not counted; the order alternates
+            steps = [("cp", lambda: action(i)), ("plain", lambda: plain(2 * i, [])),
+                     ("fast", lambda: plain(2 * i + 1, ["-W", "-m", "16"]))]
+            got = dict((name, fn()) for name, fn in (steps if i % 2 else steps[::-1]))
+            if i:
+                cp_t.append(got["cp"][0])
+                copy_t.append(got["cp"][1])
+                plain_t.append(got["plain"])
+                fast_t.append(got["fast"])
+        mib = a.mib
 
-            def rate(ts):
-                return mib / statistics.median(ts)
-            print("%d MiB random image into a tgtd target on loopback, median of %d runs:" % (mib, a.runs))
-            print("  plain qemu-img convert -n          %7.1f MiB/s" % rate(plain_t))
-            print("  plain qemu-img convert -n -W -m 16 %7.1f MiB/s" % rate(fast_t))
-            print("  eqliscsi cp, its copy              %7.1f MiB/s" % rate(copy_t))
-            print("  eqliscsi cp, whole action          %7.1f MiB/s" % rate(cp_t))
-            print("ratio cp copy / plain convert -n: %.2f (target >= 0.9); whole cp action / plain: %.2f; "
-                  "fixed cost of the action: %.0f ms"
-                  % (rate(copy_t) / rate(plain_t), rate(cp_t) / rate(plain_t),
-                     (statistics.median(cp_t) - statistics.median(copy_t)) * 1e3))
-        finally:
-            sim.stop()
-            tgtd.stop()
+        def rate(ts):
+            return mib / statistics.median(ts)
+        print("%d MiB random image into a tgtd target on loopback, median of %d runs:" % (mib, a.runs))
+        print("  plain qemu-img convert -n          %7.1f MiB/s" % rate(plain_t))
+        print("  plain qemu-img convert -n -W -m 16 %7.1f MiB/s" % rate(fast_t))
+        print("  eqliscsi cp, its copy              %7.1f MiB/s" % rate(copy_t))
+        print("  eqliscsi cp, whole action          %7.1f MiB/s" % rate(cp_t))
+        print("ratio cp copy / plain convert -n: %.2f (target >= 0.9); whole cp action / plain: %.2f; "
+              "fixed cost of the action: %.0f ms"
+              % (rate(copy_t) / rate(plain_t), rate(cp_t) / rate(plain_t),
+                 (statistics.median(cp_t) - statistics.median(copy_t)) * 1e3))
     return 0
 
 

@@ -20,17 +20,16 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP))
 
+from eqlbench import eql_bench  # noqa: E402
+
 from oneiscsi.san import cli, client  # noqa: E402
 from oneiscsi.sim import onexml  # noqa: E402
-from oneiscsi.sim.eql import EqlSim  # noqa: E402
-from oneiscsi.sim.tgt import Tgtd  # noqa: E402
 
 SETUP = {c.text for c in cli.SETUP}
 # The seed add-on: one EqlCliExec.py session per CLI command (scripts_eqliscsi.sh)
@@ -50,91 +49,61 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=25)
     ap.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable)
     a = ap.parse_args()
-    pyz = TOP / "dist" / "oneiscsi.pyz"
-    subprocess.run([sys.executable, str(TOP / "build.py")], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    with tempfile.TemporaryDirectory(prefix="bench-san-") as tmp:
-        tmp = Path(tmp)
-        tgtd = Tgtd(str(tmp / "tgt"))
-        tgtd.start()
-        sim = EqlSim(str(tmp / "sim"), tgtd=tgtd)
-        try:
-            sim.start()
-            (tmp / "known_hosts").write_text(sim.host_key_line() + "\n")
-            conf = tmp / "eqliscsi.conf"
-            conf.write_text('EQL_HOST="127.0.0.1:%d"\nEQL_USER=grpadmin\nEQL_PASS=secret\nEQL_KNOWN_HOSTS=%s\n'
-                            'EQL_PORTAL=%s\nEQL_INITIATOR=iqn.2024-01.org.oneiscsi:bench\n'
-                            % (sim.port, tmp / "known_hosts", tgtd.portal))
-            conf.chmod(0o600)
-            remotes = tmp / "remotes"
-            remotes.mkdir()
-            (remotes / "VERSION").write_text("6.8.0\n")
-            subprocess.run([a.python, str(pyz), "install", "--remotes", str(remotes), "--python", a.python],
-                           check=True, capture_output=True)
-            links = remotes / "datastore" / "eqliscsi"
-            links.mkdir(parents=True, exist_ok=True)
-            from oneiscsi.drivers.eqliscsi.ds import DS
-            for action in DS:  # install skips eqliscsi until its TM module exists
-                if not (links / action).exists():
-                    (links / action).symlink_to(Path("..", "..", "oneiscsi", "oneiscsi"))
-            env = dict(os.environ, ONEISCSI_EQL_CONF=str(conf), ONEISCSI_LOCK_DIR=str(tmp / "locks"),
-                       ONEISCSI_LOG=str(tmp / "log"))
-            src = tmp / "src.raw"
-            src.write_bytes(os.urandom(1024 * 1024))
+    with eql_bench("bench-san-", a.python) as b:
+        tmp, sim, links, env = b.tmp, b.sim, b.remotes / "datastore" / "eqliscsi", b.env
+        src = tmp / "src.raw"
+        src.write_bytes(os.urandom(1024 * 1024))
 
-            def run(action, b64, oid):
+        def run(action, b64, oid):
+            t = time.perf_counter()
+            res = subprocess.run([str(links / action), str(oid)], input=b64, capture_output=True, text=True,
+                                 env=env)
+            took = time.perf_counter() - t
+            if res.returncode != 0:
+                raise SystemExit("%s failed: %s" % (action, res.stderr or res.stdout))
+            return took
+
+        print("== SAN sessions and CLI round trips per action (each session adds one pipelined set-up;"
+              " the seed add-on opened one session per CLI command)")
+        print("%-8s %8s %9s %14s %14s" % ("action", "sessions", "commands", "seed sessions", "seed/oneiscsi"))
+        cases = [("cp", data(iid=1, name="img", path=str(src)), 1),
+                 ("clone", data(iid=2, name="copy", path="img.1", size_mb=1), 2),
+                 ("mkfs", data(iid=3, name="blank", size_mb=4), 3),
+                 ("monitor", data(image=False), 110),
+                 ("rm", data(iid=2, source="copy.2"), 2)]
+        for action, b64, oid in cases:
+            s0, c0 = sim.sessions_total, len(sim.commands)
+            run(action, b64, oid)
+            sessions = sim.sessions_total - s0
+            commands = [c for c in sim.commands[c0:] if c not in SETUP]
+            print("%-8s %8d %9d %14d %13.1fx" % (action, sessions, len(commands), SEED_SESSIONS[action],
+                                                 SEED_SESSIONS[action] / sessions))
+
+        print("\n== monitor wall time (median of %d), one `pool select show` whatever the volume count"
+              % a.runs)
+        mon = data(image=False)
+        run("monitor", mon, 110)
+        few = statistics.median(run("monitor", mon, 110) for _ in range(a.runs))
+        for i in range(100):
+            sim.group.create_volume("bench-%d" % i, 10, thin=True)
+        many = statistics.median(run("monitor", mon, 110) for _ in range(a.runs))
+        print("1 volume: %.1f ms   100 volumes: %.1f ms   ratio %.2f" % (few * 1e3, many * 1e3, many / few))
+
+        print("\n== one session set-up + one command, in process (median of %d)" % a.runs)
+        os.environ["ONEISCSI_LOCK_DIR"] = str(tmp / "locks")
+        res = {}
+        for nodelay in (True, False):
+            g = client.Group("127.0.0.1", sim.port, "grpadmin", "secret", "", str(tmp / "known_hosts"),
+                             nodelay=nodelay)
+            samples = []
+            for _ in range(a.runs + 2):
                 t = time.perf_counter()
-                res = subprocess.run([str(links / action), str(oid)], input=b64, capture_output=True, text=True,
-                                     env=env)
-                took = time.perf_counter() - t
-                if res.returncode != 0:
-                    raise SystemExit("%s failed: %s" % (action, res.stderr or res.stdout))
-                return took
-
-            print("== SAN sessions and CLI round trips per action (each session adds one pipelined set-up;"
-                  " the seed add-on opened one session per CLI command)")
-            print("%-8s %8s %9s %14s %14s" % ("action", "sessions", "commands", "seed sessions", "seed/oneiscsi"))
-            cases = [("cp", data(iid=1, name="img", path=str(src)), 1),
-                     ("clone", data(iid=2, name="copy", path="img.1", size_mb=1), 2),
-                     ("mkfs", data(iid=3, name="blank", size_mb=4), 3),
-                     ("monitor", data(image=False), 110),
-                     ("rm", data(iid=2, source="copy.2"), 2)]
-            for action, b64, oid in cases:
-                s0, c0 = sim.sessions_total, len(sim.commands)
-                run(action, b64, oid)
-                sessions = sim.sessions_total - s0
-                commands = [c for c in sim.commands[c0:] if c not in SETUP]
-                print("%-8s %8d %9d %14d %13.1fx" % (action, sessions, len(commands), SEED_SESSIONS[action],
-                                                     SEED_SESSIONS[action] / sessions))
-
-            print("\n== monitor wall time (median of %d), one `pool select show` whatever the volume count"
-                  % a.runs)
-            mon = data(image=False)
-            run("monitor", mon, 110)
-            few = statistics.median(run("monitor", mon, 110) for _ in range(a.runs))
-            for i in range(100):
-                sim.group.create_volume("bench-%d" % i, 10, thin=True)
-            many = statistics.median(run("monitor", mon, 110) for _ in range(a.runs))
-            print("1 volume: %.1f ms   100 volumes: %.1f ms   ratio %.2f" % (few * 1e3, many * 1e3, many / few))
-
-            print("\n== one session set-up + one command, in process (median of %d)" % a.runs)
-            os.environ["ONEISCSI_LOCK_DIR"] = str(tmp / "locks")
-            res = {}
-            for nodelay in (True, False):
-                g = client.Group("127.0.0.1", sim.port, "grpadmin", "secret", "", str(tmp / "known_hosts"),
-                                 nodelay=nodelay)
-                samples = []
-                for _ in range(a.runs + 2):
-                    t = time.perf_counter()
-                    with client.session(g) as s:
-                        s.pool_space("default")
-                    samples.append(time.perf_counter() - t)
-                res[nodelay] = statistics.median(samples[2:])
-            print("TCP_NODELAY socket: %.1f ms (target < 10 ms)   paramiko default socket: %.1f ms   "
-                  "ratio %.1fx" % (res[True] * 1e3, res[False] * 1e3, res[False] / res[True]))
-        finally:
-            sim.stop()
-            tgtd.stop()
+                with client.session(g) as s:
+                    s.pool_space("default")
+                samples.append(time.perf_counter() - t)
+            res[nodelay] = statistics.median(samples[2:])
+        print("TCP_NODELAY socket: %.1f ms (target < 10 ms)   paramiko default socket: %.1f ms   "
+              "ratio %.1fx" % (res[True] * 1e3, res[False] * 1e3, res[False] / res[True]))
     return 0
 
 
