@@ -40,6 +40,8 @@ from .eql_cli import CliSession, Result
 from .eql_group import Group
 
 log = logging.getLogger("oneiscsi.sim.eql")
+# clients that hang up mid-session make paramiko log "Socket exception": not worth a stderr line
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 BANNER = "\r\nWelcome to Group Manager (oneiscsi simulator)\r\n\r\nCopyright 2001-2024 Dell Inc.\r\n\r\n"
 SESSION_LIMIT_LINE = "% Error - Maximum number of CLI sessions reached."

@@ -9,7 +9,9 @@
 Methods, with OpenNebula's response shape (docs: "the output will always consist of three
 values"): ``one.vm.info``, ``one.image.info``, ``one.datastore.info`` (session, id[, decrypt])
 -> ``[True, xml, 0]``, or ``[False, "[one.vm.info] Error getting virtual machine [N].", 1024]``
-(NO_EXISTS); ``one.system.version`` (session) -> ``[True, "6.8.0", 0]``. A wrong session gives
+(NO_EXISTS); ``one.vmpool.info`` / ``one.vmpool.infoextended``, ``one.imagepool.info``,
+``one.datastorepool.info`` (session, filters...) -> ``[True, "<VM_POOL>...</VM_POOL>", 0]`` with every
+object (filters are recorded, not applied); ``one.system.version`` (session) -> ``[True, "6.8.0", 0]``. A wrong session gives
 ``[False, "[<method>] User couldn't be authenticated, aborting call.", 256]`` (AUTHENTICATION).
 
 The fallback CLI ``tests/standin/onevm`` (also ``oneimage``, ``onedatastore``) implements
@@ -119,8 +121,10 @@ class FakeOned:
         self.port = self._server.server_address[1]
         for kind in KINDS:
             self._server.register_function(self._info_method(kind), "one.%s.info" % kind)
-        for kind in ("image", "datastore"):
+        for kind in ("vm", "image", "datastore"):
             self._server.register_function(self._pool_method(kind), "one.%spool.info" % kind)
+        self._server.register_function(self._pool_method("vm", "one.vmpool.infoextended"),
+                                       "one.vmpool.infoextended")
         self._server.register_function(self._version, "one.system.version")
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
@@ -185,9 +189,9 @@ class FakeOned:
             return [True, xml, 0]
         return info
 
-    def _pool_method(self, kind):
+    def _pool_method(self, kind, method=None):
         attr, _ = KINDS[kind]
-        method = "one.%spool.info" % kind
+        method = method or "one.%spool.info" % kind
 
         def info(session, *filters):
             self._record(method, filters)

@@ -86,3 +86,70 @@ def volume_lock(group_address: str, volume: str, wait: float):
     """Exclusive lock on one volume of one group, across processes (hold it while changing it)."""
     return locks.lock("eql-volume-%s-%s" % (group_address, volume), wait,
                       "volume %s on group %s" % (volume, group_address))
+
+
+# ---- what the TM actions share: the volume of a VM disk, its settings, host access ------
+MiB = 1024 * 1024
+HOST_ACCESS_MODES = ("none", "ipaddress", "initiator")
+
+
+def disk_volume(disk, vmid) -> str:
+    """The volume behind a VM DISK: the image's own volume for a persistent disk, the per-VM
+    clone `<volume>-<vmid>` otherwise (non-persistent disks have no PERSISTENT element)."""
+    source = parse_source(disk["SOURCE"], "SOURCE of disk %s" % (disk.disk_id or "?"))
+    return source if disk.persistent else clone_name(source, vmid)
+
+
+class _DiskAsImage:
+    """config.load's image layer from a DISK: oned copies image attributes into the DISK when
+    INHERIT_IMAGE_ATTR lists them, so per-image EQL_* settings reach the TM actions too."""
+
+    def __init__(self, disk):
+        self.disk = disk
+
+    def tpl(self, key):
+        from oneiscsi import config
+        return self.disk[key] if key in config.IMAGE_KEYS else ""
+
+
+def disk_config(remotes: str, datastore, disk):
+    from oneiscsi import config
+    return config.load(remotes, datastore, _DiskAsImage(disk) if disk is not None else None)
+
+
+def extra_setting(cfg, datastore, key: str, default: str = "") -> str:
+    """A TM-only key that config.DEFAULTS does not list (yet): datastore template, else
+    eqliscsi.conf, else `default`."""
+    from oneiscsi import config
+    value = datastore.tpl(key) if datastore is not None else ""
+    if not value:
+        value = config.load_conf(cfg.sources.get("conf", "")).get(key, "") if cfg.sources.get("conf") else ""
+    return (value or default).strip()
+
+
+def host_access_mode(cfg, datastore) -> str:
+    """EQL_HOST_ACCESS: none (default) | ipaddress | initiator."""
+    mode = extra_setting(cfg, datastore, "EQL_HOST_ACCESS", "none").lower()
+    if mode not in HOST_ACCESS_MODES:
+        raise Invalid("EQL_HOST_ACCESS %s is refused: use %s" % (validate.show(mode), " or ".join(HOST_ACCESS_MODES)))
+    return mode
+
+
+class HostSettings:
+    """How hosts log in to volumes of one datastore: CHAP, iface, device base, wait bound, NO_ISCSI."""
+
+    def __init__(self, cfg):
+        from oneiscsi.host.iscsi import Chap
+        iface = (cfg["EQL_IFACE"] or "").strip()
+        self.iface = None if iface in ("", "default") else iface
+        self.base = (cfg["EQL_BASE_DEVICE"] or "/dev/eql").strip()
+        # EQL_WAIT_TIME was the seed's pause; here it bounds the wait for the disk (at least 30 s)
+        self.wait = max(30, validate.number((cfg["EQL_WAIT_TIME"] or "1").strip(), "EQL_WAIT_TIME", 0, 3600))
+        self.chap = Chap(cfg.chap_user, cfg.chap_password()) if cfg.chap_user else None
+        self.no_iscsi = set((cfg["NO_ISCSI"] or "").split())
+        host, port = cfg.portal()
+        self.portal = validate.format_portal(host, port)
+
+    @property
+    def key(self):
+        return (self.iface, self.base, self.wait, self.chap.user if self.chap else "", self.portal)
