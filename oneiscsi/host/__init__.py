@@ -15,7 +15,7 @@ from oneiscsi import log, validate
 from oneiscsi.errors import Failure
 
 SSH_TIMEOUT = 15
-PREAMBLE = "export LANG=C LC_ALL=C\nPATH=/usr/sbin:/sbin:$PATH\n"
+PREAMBLE = "export LANG=C LC_ALL=C\nPATH=$PATH:/usr/sbin:/sbin  # the host's own order first\n"
 
 
 def q(value) -> str:
