@@ -76,7 +76,7 @@ def test_hosts_have_private_dirs_and_standin_path(lab):
     assert os.path.exists(os.path.join(h2.datastores, "x")) and not os.path.exists(os.path.join(h1.datastores, "x"))
     assert h1.run("ls /dev/disk/by-path").stdout.split() == []
     # the stand-in is first in PATH for ssh commands, sh -s scripts and run()
-    standin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standin", "iscsiadm")
+    standin = os.path.join(lab.standin_dir, "iscsiadm")
     assert h1.ssh("command -v iscsiadm").stdout.strip() == standin
     assert h1.ssh("sh -s", input="command -v iscsiadm\nhostname\n").stdout.split() == [standin, "host1"]
     assert h1.run(["sh", "-c", "command -v iscsiadm; id -un"], user="oneadmin").stdout.split() == [standin, "oneadmin"]

@@ -7,7 +7,7 @@ import pytest
 
 from oneiscsi.sim.oned import AUTHENTICATION, NO_EXISTS, FakeOned
 
-STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standin")
+STANDIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "oneiscsi", "sim", "standin")
 VM = "<VM><ID>42</ID><NAME>one-42</NAME><TEMPLATE><DISK><DISK_ID>0</DISK_ID></DISK></TEMPLATE></VM>"
 
 

@@ -10,7 +10,8 @@ import pytest
 from oneiscsi.sim.hosts import Lab
 from oneiscsi.sim.tgt import Tgtd
 
-STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standin", "iscsiadm")
+STANDIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "oneiscsi", "sim", "standin",
+                       "iscsiadm")
 IQN = "iqn.2024-01.org.example:t1"
 P = "127.0.0.1:3260"
 PYTHON = "/usr/bin/python3"      # what hosts run it with (env python3 may be a slow pyenv shim)

@@ -18,7 +18,7 @@ Each host runs an init script under ``ip netns exec`` (own mount ns) + ``unshare
     tmpfs             -> /sys/block                  (fake sysfs of the iscsiadm stand-in)
     libvirtd=True:    <root>/libvirt/{etc,lib,cache,log} -> /etc/libvirt, /var/lib/libvirt, ...
 
-PATH for oneadmin (and root) sessions: sshd ``SetEnv PATH=<tests/standin>:...`` when
+PATH for oneadmin (and root) sessions: sshd ``SetEnv PATH=<workdir>/standin:...`` when
 ``standin=True``. SetEnv overrides sshd's default PATH for every session, including
 ``ssh host sh -s`` scripts and non-interactive commands; /bin/sh reads no profile then.
 ``Host.run`` sets the same PATH. ``authorized_keys`` lives in the host's /run (readable by
@@ -39,8 +39,35 @@ import socket
 import subprocess
 import time
 
-STANDIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "tests", "standin")
+# The iscsiadm stand-in (and a fake onevm): lab material, shipped in the package so that
+# `oneiscsi.pyz lab` has it too; copied into each lab's workdir with its exec bits (a zipapp
+# extraction does not keep file modes).
+STANDIN_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standin")
+STANDIN_ROOT = "/var/lib/oneiscsi-lab"  # world-traversable: oneadmin runs the copies
+
+
+def standin_dir() -> str:
+    """A world-readable copy of the stand-in scripts, mode 755, named by their content."""
+    import hashlib
+    names = sorted(os.listdir(STANDIN_SRC))
+    digest = hashlib.sha256()
+    for name in names:
+        with open(os.path.join(STANDIN_SRC, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read())
+    target = os.path.join(STANDIN_ROOT, "standin-" + digest.hexdigest()[:16])
+    if not os.path.isdir(target):
+        os.makedirs(STANDIN_ROOT, mode=0o755, exist_ok=True)
+        os.chmod(STANDIN_ROOT, 0o755)
+        tmp = "%s.tmp%d" % (target, os.getpid())
+        os.makedirs(tmp, mode=0o755)
+        for name in names:
+            shutil.copyfile(os.path.join(STANDIN_SRC, name), os.path.join(tmp, name))
+            os.chmod(os.path.join(tmp, name), 0o755)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another lab made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ALLOC_DIR = "/tmp/oneiscsi-alloc"
 SUBNET_PREFIX = "10.213"
@@ -250,7 +277,8 @@ class Lab:
         self.workdir = os.path.abspath(workdir)
         self.host_names = list(hosts)
         self.want_san, self.libvirtd, self.standin = san, libvirtd, standin
-        self.path = (STANDIN_DIR + ":" if standin else "") + SYSTEM_PATH
+        self.standin_dir = standin_dir() if standin else ""
+        self.path = (self.standin_dir + ":" if standin else "") + SYSTEM_PATH
         self.hosts: dict = {}
         self.san = None
         self.n = None

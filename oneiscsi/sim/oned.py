@@ -14,7 +14,7 @@ values"): ``one.vm.info``, ``one.image.info``, ``one.datastore.info`` (session, 
 object (filters are recorded, not applied); ``one.system.version`` (session) -> ``[True, "6.8.0", 0]``. A wrong session gives
 ``[False, "[<method>] User couldn't be authenticated, aborting call.", 256]`` (AUTHENTICATION).
 
-The fallback CLI ``tests/standin/onevm`` (also ``oneimage``, ``onedatastore``) implements
+The fallback CLI ``oneiscsi/sim/standin/onevm`` (also ``oneimage``, ``onedatastore``) implements
 ``onevm show -x ID`` from the same data: the server keeps a JSON snapshot of its state in
 ``state_file`` (default ``<tmpdir>/oned.json``, removed by ``stop()``; ``{"session", "version", "vms", "images",
 "datastores"}`` with string ids), rewritten atomically on every change of the three dicts.
