@@ -90,6 +90,11 @@ def error(msg: str) -> None:
     _emit("ERROR", msg)
 
 
+def verbose() -> bool:
+    """ONEISCSI_DEBUG=1 or ONE_MAD_DEBUG=1: also log bulky details (rendered host scripts)."""
+    return _state["debug"]
+
+
 def debug(msg: str) -> None:
     if _state["debug"]:
         _emit("DEBUG", msg)

@@ -47,7 +47,8 @@ def run(host: str, script: str, timeout: float = 300, what: str = "host script")
     else:
         validate.hostname(host, "host")
         cmd = ssh_command(host)
-    log.debug("%s on %s:\n%s" % (what, host or "localhost", script))
+    if log.verbose():
+        log.debug("%s on %s:\n%s" % (what, host or "localhost", script))
     try:
         res = subprocess.run(cmd, input=PREAMBLE + script, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
