@@ -160,6 +160,7 @@ def env(lab, tmp_path, monkeypatch):
     monkeypatch.setenv("ONEISCSI_TEST_SSH_LOG", str(e.sshlog))
     monkeypatch.setenv("ONEISCSI_LOG", str(e.logfile))
     monkeypatch.setitem(log._state, "opened", False)        # reopen ONEISCSI_LOG for this test
+    monkeypatch.setitem(log._state, "debug", True)          # ONEISCSI_DEBUG=1: scripts go to the log too
     monkeypatch.setitem(log._state, "file", None)
     try:
         yield e
