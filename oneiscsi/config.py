@@ -47,6 +47,7 @@ DEFAULTS = {
     "EQL_IFACE": "default",
     "EQL_WAIT_TIME": "1",
     "NO_ISCSI": "",
+    "EQL_HOST_ACCESS": "none",      # per-host access records: none | ipaddress | initiator
 }
 IMAGE_KEYS = ("EQL_POOL", "EQL_MULTIHOST", "EQL_SECURITY_ACCESS", "EQL_THINPROVISION")
 CONF_RELATIVE = os.path.join("etc", "datastore", "eqliscsi", "eqliscsi.conf")

@@ -102,21 +102,28 @@ class One:
             self._cache[key] = self._cli(kind, oid) if self._unreachable else self._rpc(kind, oid)
         return self._cache[key]
 
+    POOL_FILTER = {"datastore": (), "image": (-2, -1, -1), "vm": (-2, -1, -1, -1)}
+
     def pool(self, kind: str) -> list:
-        """All objects of a pool over XML-RPC only (no CLI fallback): [Obj]."""
+        """All objects of a pool over XML-RPC only (no CLI fallback): [VM | Image | Datastore].
+        VMs come from infoextended (with their templates) where oned has it (5.8+)."""
         from oneiscsi.one import xml
         url = _endpoint()
         proxy = xmlrpc.client.ServerProxy(url, transport=_Transport() if url.startswith("http:") else None)
-        method = getattr(getattr(proxy, "one"), kind + "pool")
-        try:
-            args = (_session(), -2, -1, -1) if kind == "image" else (_session(),)
-            reply = method.info(*args)
-        except (OSError, socket.timeout, xmlrpc.client.Error) as e:
-            raise Failure("oned XML-RPC at %s: %s" % (url, e)) from None
-        if not reply[0]:
-            raise Failure("oned refused one.%spool.info: %s" % (kind, reply[1]))
-        tag = kind.upper()
-        return [xml.Obj(el) for el in xml.parse(reply[1]).findall(tag)]
+        pool = getattr(getattr(proxy, "one"), kind + "pool")
+        reply = None
+        for method in (("infoextended", "info") if kind == "vm" else ("info",)):
+            try:
+                reply = getattr(pool, method)(_session(), *self.POOL_FILTER[kind])
+                break
+            except xmlrpc.client.Fault:  # no such method in this oned
+                continue
+            except (OSError, socket.timeout, xmlrpc.client.Error) as e:
+                raise Failure("oned XML-RPC at %s: %s" % (url, e)) from None
+        if not reply or not reply[0]:
+            raise Failure("oned refused one.%spool.info: %s" % (kind, reply[1] if reply else "no answer"))
+        cls = {"vm": xml.VM, "image": xml.Image, "datastore": xml.Datastore}[kind]
+        return [cls(el) for el in xml.parse(reply[1]).findall(kind.upper())]
 
     def vm(self, vmid):
         from oneiscsi.one import xml

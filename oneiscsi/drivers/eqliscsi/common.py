@@ -117,19 +117,9 @@ def disk_config(remotes: str, datastore, disk):
     return config.load(remotes, datastore, _DiskAsImage(disk) if disk is not None else None)
 
 
-def extra_setting(cfg, datastore, key: str, default: str = "") -> str:
-    """A TM-only key that config.DEFAULTS does not list (yet): datastore template, else
-    eqliscsi.conf, else `default`."""
-    from oneiscsi import config
-    value = datastore.tpl(key) if datastore is not None else ""
-    if not value:
-        value = config.load_conf(cfg.sources.get("conf", "")).get(key, "") if cfg.sources.get("conf") else ""
-    return (value or default).strip()
-
-
 def host_access_mode(cfg, datastore) -> str:
     """EQL_HOST_ACCESS: none (default) | ipaddress | initiator."""
-    mode = extra_setting(cfg, datastore, "EQL_HOST_ACCESS", "none").lower()
+    mode = (cfg["EQL_HOST_ACCESS"] or "none").strip().lower()
     if mode not in HOST_ACCESS_MODES:
         raise Invalid("EQL_HOST_ACCESS %s is refused: use %s" % (validate.show(mode), " or ".join(HOST_ACCESS_MODES)))
     return mode

@@ -297,7 +297,7 @@ def ds_snap_delete(call):
                 log.warn("snapshot %s of volume %s does not exist: nothing to delete" % (snap, name))
 
 
-def _revert(s, name, snap) -> None:
+def revert(s, name, snap) -> None:
     """Volume offline, restore the snapshot, online. Up to the restore a failure leaves the
     volume as it was (back online); the restore is the point of no return. The snapshot a
     group makes of the current data on a restore is deleted, so the snapshot set stays
@@ -344,7 +344,7 @@ def ds_snap_revert(call):
     group = cfg.group()
     with common.volume_lock(group.address, name, cfg.lock_wait):
         with client.session(group) as s:
-            _revert(s, name, snap)
+            revert(s, name, snap)
     log.info("volume %s reverted to %s" % (name, snap))
 
 
@@ -353,7 +353,7 @@ def ds_snap_flatten(call):
     group = cfg.group()
     with common.volume_lock(group.address, name, cfg.lock_wait):
         with client.session(group) as s:
-            _revert(s, name, snap)
+            revert(s, name, snap)
             try:
                 for r in s.snapshots(name):
                     if common.snapshot_id(r["name"]) is not None:

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""15 and 50 concurrent `ln` on one host: wall time, ssh round trips and SAN sessions per action.
+
+    python3 bench/ln.py                              (root: lab hosts in network namespaces)
+
+Real parts (tests/test_eqliscsi_tm.World): sshd hosts with the iscsiadm stand-in, the EqualLogic
+simulator on tgtd, a fake oned; every VM has its own persistent volume (made directly in the
+simulator). All `ln` start at once through the installed link; then all `delete` at once.
+Targets: exactly 1 ssh round trip per action (one host touched), 1 SAN session per action,
+no duplicate session on the host. A single `ln` is timed first for the ratio.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+TOP = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TOP))
+
+from tests import oneutil  # noqa: E402
+from tests.test_eqliscsi_tm import DSID, World, disk_path, eql_disk  # noqa: E402
+
+
+def burst(w, action, vmids, vols):
+    res = {}
+
+    def go(vmid, vol):
+        if action == "ln":
+            res[vmid] = w.tm("ln", "fe:" + vol, disk_path(vmid, 0, "host1"), vmid, DSID, ok=False)
+        else:
+            res[vmid] = w.tm("delete", disk_path(vmid, 0, "host1"), vmid, DSID, ok=False)
+    threads = [threading.Thread(target=go, args=(v, vol)) for v, vol in zip(vmids, vols)]
+    w.reset_ssh()
+    s0 = w.sim.sessions_total
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.monotonic() - t0
+    bad = [r for r in res.values() if r.rc != 0]
+    assert not bad, bad[:2]
+    return took, len(w.ssh_calls()), w.sim.sessions_total - s0
+
+
+def main():
+    if os.geteuid() != 0:
+        sys.exit("bench/ln.py: run as root (network namespaces)")
+    oneutil.build_if_stale()
+    with tempfile.TemporaryDirectory(prefix="bench-ln-") as tmp:
+        w = World(Path(tmp) / "w")
+        try:
+            w.remotes = Path(tmp) / "remotes"
+            oneutil.install(w.remotes, "6.8")
+            rows = []
+            for n in (1, 15, 50):
+                vmids = list(range(8000 + 100 * n, 8000 + 100 * n + n))
+                vols = ["ln%d-%d.%d" % (n, i, 9000 + i) for i in range(n)]
+                for vmid, v in zip(vmids, vols):
+                    w.sim.group.create_volume(v, "4MB", unrestricted=True)
+                    w.vm(vmid, [eql_disk(0, v)], hosts=("host1",))
+                took, ssh, san = burst(w, "ln", vmids, vols)
+                on = w.logged_in("host1")
+                dup = [v for v in vols if on.count(v) != 1]
+                dtook, dssh, dsan = burst(w, "delete", vmids, vols)
+                rows.append((n, took, ssh, san, len(dup), dtook, dssh, dsan))
+            print("%5s %9s %10s %12s %10s %11s %11s %13s" % ("ln", "wall s", "ssh/action", "SAN/action",
+                                                              "dup sess", "delete s", "ssh/action", "SAN/action"))
+            for n, took, ssh, san, dup, dtook, dssh, dsan in rows:
+                print("%5d %9.2f %10.2f %12.2f %10d %11.2f %11.2f %13.2f"
+                      % (n, took, ssh / n, san / n, dup, dtook, dssh / n, dsan / n))
+            one = rows[0][1]
+            for n, took, *_ in rows[1:]:
+                print("%d concurrent ln: %.2fx the time of one (%.2f s per action)" % (n, took / one, took / n))
+        finally:
+            w.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""premigrate of a VM with 1, 8 and 32 eqliscsi disks: wall time, SAN sessions, ssh round trips.
+
+    python3 bench/premigrate.py [--runs 3]          (root: lab hosts in network namespaces)
+
+Real parts (tests/test_eqliscsi_tm.World): two sshd hosts with the iscsiadm stand-in, the
+EqualLogic simulator on tgtd, a fake oned. The volumes are made directly in the simulator;
+the VM's disks are first attached on host1, then `premigrate host1 host2` (migrate_other
+shape, template on stdin) is timed, then undone with failmigrate.
+Target: 32 disks under 3x the time of 1 (ratios from the same run).
+Note: the stand-in serialises every iscsiadm call of a host behind one lock, which a real
+host does not; the host figure is therefore pessimistic for many disks.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TOP = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TOP))
+
+from oneiscsi.sim import onexml  # noqa: E402
+from tests import oneutil  # noqa: E402
+from tests.test_eqliscsi_tm import World, eql_disk  # noqa: E402
+
+
+def run(w, n, runs, vmid):
+    vols = ["bench%d-%d.%d" % (n, i, 9000 + i) for i in range(n)]
+    for v in vols:
+        if v not in w.sim.group.volumes:
+            w.sim.group.create_volume(v, "4MB", unrestricted=True)
+    xml = w.vm(vmid, [eql_disk(i, v) for i, v in enumerate(vols)], hosts=("host1",))
+    b64 = onexml.b64(xml)
+    here = ["host2", "host1", "/var/lib/one/datastores/0/%d" % vmid, vmid, 0, "shared"]
+    move = ["host1", "host2", "/var/lib/one/datastores/0/%d" % vmid, vmid, 0, "shared"]
+    w.tm("premigrate", *here, stdin=b64)               # the VM runs on host1
+    times, sessions, ssh = [], [], []
+    for _ in range(runs):
+        w.reset_ssh()
+        s0 = w.sim.sessions_total
+        t0 = time.monotonic()
+        w.tm("premigrate", *move, stdin=b64)
+        times.append(time.monotonic() - t0)
+        sessions.append(w.sim.sessions_total - s0)
+        ssh.append(len(w.ssh_calls()))
+        assert sum(1 for v in w.logged_in("host2") if v in vols) == n
+        w.tm("failmigrate", *move, stdin=b64)
+    w.tm("failmigrate", *here, stdin=b64)                # off host1 again
+    return statistics.median(times), max(sessions), max(ssh)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit("bench/premigrate.py: run as root (network namespaces)")
+    oneutil.build_if_stale()
+    with tempfile.TemporaryDirectory(prefix="bench-premigrate-") as tmp:
+        w = World(Path(tmp) / "w", conf={"EQL_MULTIHOST": "disable"})
+        try:
+            w.remotes = Path(tmp) / "remotes"
+            oneutil.install(w.remotes, "6.8")
+            rows = {n: run(w, n, a.runs, 7000 + n) for n in (1, 8, 32)}
+            print("premigrate, median of %d runs" % a.runs)
+            print("%6s %9s %13s %15s" % ("disks", "wall s", "SAN sessions", "ssh round trips"))
+            for n, (t, s, r) in rows.items():
+                print("%6d %9.2f %13d %15d" % (n, t, s, r))
+            ratio = rows[32][0] / rows[1][0]
+            print("32 disks / 1 disk = %.2fx (target < 3x): %s" % (ratio, "OK" if ratio < 3 else "over"))
+        finally:
+            w.stop()
+
+
+if __name__ == "__main__":
+    main()
