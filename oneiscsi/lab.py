@@ -1,11 +1,13 @@
 """`oneiscsi.pyz lab`: the end-to-end demo on this machine (root, Debian 12; see README).
 
-It starts real parts: two hypervisor hosts (network namespaces with sshd and libvirtd), a
-"SAN" namespace with tgtd serving a CHAP-protected LUN, and a fake oned answering XML-RPC.
+It starts real parts: two hypervisor hosts (network namespaces with sshd, libvirtd and the
+iscsiadm stand-in), a "SAN" namespace with tgtd serving a CHAP-protected LUN and the
+EqualLogic group simulator (its volumes are tgtd targets), and a fake oned answering XML-RPC.
 It installs this executable into a scratch remotes tree and then plays what oned would send
-through a VM's life with the iscsi driver: register, deploy, live-migrate, terminate. Every
-step shows what oned sends, what the driver printed, and what changed on the hosts and the
-target. Everything is torn down at the end (also on failure or Ctrl-C).
+through VMs' lives with both drivers: register, deploy, live-migrate, terminate (and for
+eqliscsi a non-persistent clone). Every step shows what oned sends, what the driver printed,
+and what changed on the hosts and the SAN. Everything is torn down at the end (also on
+failure or Ctrl-C).
 
 `oneiscsi.pyz lab sim [ARGS]` runs only the EqualLogic group simulator in the foreground.
 """
@@ -55,12 +57,13 @@ class Demo:
         self.tgtd.add_target(IQN, os.path.join(self.work, "disk1.img"), size_bytes=32 * 1024 * 1024)
         self.tgtd.bind(IQN)
         self.tgtd.set_chap(IQN, CHAP_USER, self.chap_pass)
-        self.oned = FakeOned(session="oneadmin:lab")
+        self.oned_pass = "one-" + os.urandom(6).hex()
+        self.oned = FakeOned(session="oneadmin:" + self.oned_pass)
         self.parts.append(self.oned)
         self.oned.start()
         auth = os.path.join(self.work, "one_auth")
         with open(auth, "w") as f:
-            f.write("oneadmin:lab\n")
+            f.write("oneadmin:%s\n" % self.oned_pass)
         self.remotes = os.path.join(self.work, "remotes")
         os.makedirs(self.remotes)
         with open(os.path.join(self.remotes, "VERSION"), "w") as f:
@@ -189,6 +192,126 @@ class Demo:
         self.action("ds", "iscsi", "rm", [5] if v >= (6, 8) else [cp_b64, 5], stdin=cp_b64 if v >= (6, 8) else "")
         say("   target %s still has LUN 1: %s" % (IQN, bool(self.tgtd.targets()[IQN]["luns"])))
 
+    # ---- the eqliscsi lifecycle --------------------------------------------------------
+    def start_group(self):
+        """The EqualLogic group simulator in the SAN namespace, its volumes served by the same tgtd."""
+        from oneiscsi.sim.eql import EqlSim
+        self.group_pass = "grp-" + os.urandom(6).hex()
+        self.sim = EqlSim(os.path.join(self.work, "eql"), group_name="lab-group", listen=self.lab.san.addr,
+                          users={"grpadmin": self.group_pass}, tgtd=self.tgtd, netns=self.lab.san.netns,
+                          group_ip=self.lab.san.addr)
+        self.parts.append(self.sim)
+        self.sim.start()
+        known = os.path.join(self.work, "eql_known_hosts")
+        with open(known, "w") as f:
+            f.write(self.sim.host_key_line() + "\n")
+        passfile = os.path.join(self.work, "eql_pass")
+        with open(os.open(passfile, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write(self.group_pass + "\n")
+        conf = os.path.join(self.work, "eqliscsi.conf")
+        with open(os.open(conf, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write('EQL_HOST="%s:%d"\nEQL_USER="grpadmin"\nEQL_PASS_FILE="%s"\nEQL_KNOWN_HOSTS="%s"\n'
+                    'EQL_POOL="default"\nEQL_PORTAL="%s:3260"\nEQL_INITIATOR="iqn.2024-01.org.example.lab:frontend"\n'
+                    % (self.lab.san.addr, self.sim.port, passfile, known, self.lab.san.addr))
+        os.environ.update(ONEISCSI_EQL_CONF=conf, ONEISCSI_LOCK_DIR=os.path.join(self.work, "locks"),
+                          ONEISCSI_STATE_DIR=os.path.join(self.work, "state"))
+        self.env = dict(os.environ)
+        say("   group lab-group: CLI on %s:%d (SSH, host key pinned), iSCSI portal %s:3260"
+            % (self.lab.san.addr, self.sim.port, self.lab.san.addr))
+
+    def san(self, what=""):
+        g = self.sim.group
+        with g.lock:
+            vols = ", ".join("%s (%d MB, %s%s)" % (v.name, v.size_mb, "online" if v.online else "offline",
+                                                    ", multihost" if v.multihost else "")
+                             for v in sorted(g.volumes.values(), key=lambda v: v.name)) or "none"
+        sessions = {iqn.split(":")[-1]: t["sessions"]
+                    for iqn, t in self.tgtd.targets().items() if t["sessions"]}
+        say("   SAN%s: volumes: %s; iSCSI sessions: %s" % (" " + what if what else "", vols, sessions or "none"))
+
+    def host_io(self, host, link, data=None):
+        """What the VM does: read or write the start of its disk through the disk link."""
+        if data is not None:
+            script = "printf %%s %s | dd of=%s bs=512 count=1 conv=notrunc,fsync 2>/dev/null && echo wrote %s" % (
+                shlex.quote(data), shlex.quote(link), shlex.quote(repr(data)))
+        else:
+            script = "echo read \\'$(head -c 64 %s | tr -d '\\000')\\'" % shlex.quote(link)
+        res = self.lab.hosts[host].run(["sh", "-s"], user="oneadmin", input=script, check=False)
+        if res.returncode != 0:
+            raise SystemExit("lab: %s could not use %s: %s" % (host, link, res.stderr.strip()[-300:]))
+        say("   the VM on %s through %s: %s" % (host, link, res.stdout.strip()))
+
+    def eqliscsi(self):
+        from oneiscsi.sim import onexml
+        v = tuple(int(x) for x in self.version.split("."))
+        step(7, "EqualLogic: the group simulator (SSH CLI) with each volume a real tgtd target")
+        self.start_group()
+        ds = onexml.datastore_xml(ds_id=102, name="eql", ds_mad="eqliscsi", tm_mad="eqliscsi",
+                                  template={"DISK_TYPE": "BLOCK"}, version=v)
+        self.oned.datastores[102] = ds
+        stdin_style = v >= (6, 8)
+
+        def ds_action(action, b64, oid, expect_rc=0):
+            return self.action("ds", "eqliscsi", action, [oid] if stdin_style else [b64, oid],
+                               stdin=b64 if stdin_style else "",
+                               note="DS_DRIVER_ACTION_DATA" if stdin_style else "", expect_rc=expect_rc)
+        ds_action("monitor", onexml.ds_action_data("", ds), 102)
+
+        step(8, "register an image: oneimage create --path lab.raw (CP creates a volume and writes it)")
+        src = os.path.join(self.work, "lab.raw")
+        with open(src, "wb") as f:
+            f.write(b"eqliscsi image bytes".ljust(512, b"\0"))
+            f.truncate(8 * 1024 * 1024)
+        img = onexml.image_xml(iid=7, name="Lab Image", path=src, persistent=True, ds_id=102, ds_name="eql",
+                               size_mb=8, version=v)
+        res = ds_action("cp", onexml.ds_action_data(img, ds), 7)
+        source = res.stdout.split()[0]
+        self.oned.images[7] = onexml.image_xml(iid=7, name="Lab Image", source=source, persistent=True, ds_id=102,
+                                               ds_name="eql", size_mb=8, version=v)
+        self.san()
+
+        disk = {"SOURCE": source, "TM_MAD": "eqliscsi", "TYPE": "BLOCK", "PERSISTENT": "YES", "CLONE": "NO",
+                "TARGET": "vda", "IMAGE_ID": 7, "DATASTORE_ID": 102, "SIZE": 8}
+        link = "/var/lib/one/datastores/0/43/disk.0"
+        step(9, "deploy VM 43 on host1 with the image as a persistent disk (LN logs host1 in)")
+        self.oned.vms[43] = onexml.vm_xml(vmid=43, disks=[onexml.disk_xml(0, disk)], hosts=("host1",), version=v)
+        self.action("tm", "eqliscsi", "ln", ["fe:" + source, "host1:" + link, 43, 102])
+        self.san()
+        self.host_io("host1", link)
+        self.host_io("host1", link, data="written on host1 by VM 43")
+
+        step(10, "live-migrate VM 43 host1 -> host2 (premigrate logs host2 in, postmigrate logs host1 out)")
+        vm = self.oned.vms[43]
+        self.action("tm", "eqliscsi", "premigrate", ["host1", "host2", "/var/lib/one/datastores/0/43", 43, 0,
+                                                     "shared"], stdin=onexml.b64(vm), note="VM template")
+        self.san("(both hosts logged in during the move)")
+        self.oned.vms[43] = onexml.vm_xml(vmid=43, disks=[onexml.disk_xml(0, disk)], hosts=("host1", "host2"),
+                                          version=v)
+        self.action("tm", "eqliscsi", "postmigrate", ["host1", "host2", "/var/lib/one/datastores/0/43", 43, 0,
+                                                      "shared"], stdin=onexml.b64(vm), note="VM template")
+        self.san()
+        self.host_io("host2", link)
+
+        step(11, "terminate VM 43 (MVDS of the persistent disk: host2 logs out, the volume stays)")
+        self.action("tm", "eqliscsi", "mvds", ["host2:" + link, source, 43, 102])
+        self.action("tm", "eqliscsi", "delete", ["host2:/var/lib/one/datastores/0/43", 43, 0])
+        self.san()
+
+        step(12, "VM 44 with the image non-persistent (CLONE makes <volume>-44; DELETE removes it)")
+        np = dict(disk, CLONE="YES")
+        np.pop("PERSISTENT")
+        link44 = "/var/lib/one/datastores/0/44/disk.0"
+        self.oned.vms[44] = onexml.vm_xml(vmid=44, disks=[onexml.disk_xml(0, np)], hosts=("host2",), version=v)
+        self.action("tm", "eqliscsi", "clone", ["fe:" + source, "host2:" + link44, 44, 102])
+        self.san()
+        self.host_io("host2", link44)
+        self.action("tm", "eqliscsi", "delete", ["host2:" + link44, 44, 102])
+        self.san()
+
+        step(13, "delete the image (RM: offline + delete the volume)")
+        ds_action("rm", onexml.ds_action_data(self.oned.images[7], ds), 7)
+        self.san()
+
 
 def main(argv) -> int:
     if argv[:1] == ["sim"]:
@@ -205,5 +328,6 @@ def main(argv) -> int:
     with tempfile.TemporaryDirectory(prefix="oneiscsi-lab-") as tmp:
         with Demo(a.workdir or tmp, a.one_version) as demo:
             demo.iscsi()
+            demo.eqliscsi()
     say("\nlab: all steps done")
     return 0
