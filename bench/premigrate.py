@@ -8,8 +8,10 @@ EqualLogic simulator on tgtd, a fake oned. The volumes are made directly in the 
 the VM's disks are first attached on host1, then `premigrate host1 host2` (migrate_other
 shape, template on stdin) is timed, then undone with failmigrate.
 Target: 32 disks under 3x the time of 1 (ratios from the same run).
-Note: the stand-in serialises every iscsiadm call of a host behind one lock, which a real
-host does not; the host figure is therefore pessimistic for many disks.
+Note: the driver's part is flat (1 SAN session, 1 ssh round trip whatever the disk count;
+the disks are attached in parallel on the host). What grows is the host's CPU work: the
+stand-in iscsiadm is a Python program started ~5 times per disk (~0.2 CPU-s per disk), so
+32 disks need ~7 CPU-s, more than 2 cores can hide; open-iscsi's C iscsiadm costs a few ms.
 """
 from __future__ import annotations
 
