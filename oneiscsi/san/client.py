@@ -361,29 +361,27 @@ class Session:
     def access_records(self, name) -> list:
         return _parsed(parse.access_table, self.run(cli.access_show(name)), "access show")
 
-    def delete_access(self, name, rid) -> bool:
-        """False when the record (or the volume) no longer exists."""
+    def _unless_gone(self, *cmds) -> bool:
+        """Run `cmds`; False (not an error) when the group says the object does not exist."""
         try:
-            self.run(cli.access_delete(name, rid))
+            for c in cmds:
+                self.run(c)
             return True
         except CliError as e:
             if e.not_found:
                 return False
             raise
+
+    def delete_access(self, name, rid) -> bool:
+        """False when the record (or the volume) no longer exists."""
+        return self._unless_gone(cli.access_delete(name, rid))
 
     def set_online(self, name, online=True) -> None:
         self.run(cli.volume_online(name, online))
 
     def delete_volume(self, name) -> bool:
         """Offline, then delete. False when it did not exist."""
-        try:
-            self.run(cli.volume_online(name, False))
-            self.run(cli.volume_delete(name))
-            return True
-        except CliError as e:
-            if e.not_found:
-                return False
-            raise
+        return self._unless_gone(cli.volume_online(name, False), cli.volume_delete(name))
 
     def snapshots(self, vol) -> list:
         return _parsed(parse.snapshot_table, self.run(cli.snapshot_list(vol)), "snapshot show")
@@ -397,13 +395,7 @@ class Session:
 
     def delete_snapshot(self, vol, snap) -> bool:
         """False when it did not exist."""
-        try:
-            self.run(cli.snapshot_delete(vol, snap))
-            return True
-        except CliError as e:
-            if e.not_found:
-                return False
-            raise
+        return self._unless_gone(cli.snapshot_delete(vol, snap))
 
     def restore_snapshot(self, vol, snap) -> None:
         self.run(cli.snapshot_restore(vol, snap))
