@@ -10,8 +10,9 @@ shape, template on stdin) is timed, then undone with failmigrate.
 Target: 32 disks under 3x the time of 1 (ratios from the same run).
 Note: the driver's part is flat (1 SAN session, 1 ssh round trip whatever the disk count;
 the disks are attached in parallel on the host). What grows is the host's CPU work: the
-stand-in iscsiadm is a Python program started ~5 times per disk (~0.2 CPU-s per disk), so
-32 disks need ~7 CPU-s, more than 2 cores can hide; open-iscsi's C iscsiadm costs a few ms.
+stand-in iscsiadm is a Python program started 3 times per new disk (node probe, record,
+login; the session list is read once per batch), CPU that 2 cores cannot hide; open-iscsi's
+C iscsiadm costs a few ms.
 """
 from __future__ import annotations
 

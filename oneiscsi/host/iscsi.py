@@ -179,8 +179,19 @@ finish() {
   case $(cat "$T/$1.res") in OK*) ;; *) status=1 ;; esac
 }
 
+# the session list once for a batch of attaches (one iscsiadm call, not one per volume): a
+# session that appears after it is caught by login's exit 15 ("already present")
+snapshot_sessions() {
+  $SUDO iscsiadm -m session > "$T/sessions" 2>/dev/null || : > "$T/sessions"  # 21: none
+  SESSION_SNAPSHOT="$T/sessions"
+  # a record we create inherits iscsid.conf's node.startup: no update needed when it is manual
+  grep -Eqs '^[[:space:]]*node\.startup[[:space:]]*=[[:space:]]*manual' /etc/iscsi/iscsid.conf && STARTUP_MANUAL=1
+}
+
 has_session() {
-  s=$($SUDO iscsiadm -m session 2>/dev/null) || return 1
+  if [ -n "$SESSION_SNAPSHOT" ]; then s=$(cat "$SESSION_SNAPSHOT")
+  else s=$($SUDO iscsiadm -m session 2>/dev/null) || return 1
+  fi
   printf '%s\n' "$s" | awk -v p="$PORTAL" -v t="$IQN" -v h="$BPHOST" '
     ($1 == "tcp:" || $1 == "iser:") && $4 == t {
       q = $3; sub(/,[^,]*$/, "", q)
@@ -258,7 +269,9 @@ attach_one() {  # VOL PORTAL BPHOST PORT IQN LINK SIZE
       node -o update -n node.session.auth.password -v "$CHAP_PASS" ||
       { fail chap-settings $rc "$last"; undo; return; }
   fi
-  node -o update -n node.startup -v manual || { fail node-startup $rc "$last"; undo; return; }
+  if [ -z "$created" ] || [ -z "$STARTUP_MANUAL" ]; then
+    node -o update -n node.startup -v manual || { fail node-startup $rc "$last"; undo; return; }
+  fi
   if has_session; then
     say "already logged in"
   else
@@ -516,7 +529,7 @@ def attach(host: str, vols: list, chap: Chap | None = None, iface: str | None = 
     calls = [(v.volume, lock_file(v.iqn), "attach_one",
               _vol_args(v) + [v.link or "", "" if v.size_bytes is None else str(v.size_bytes)])
              for v in vols]
-    script = _script(_settings(iface, base, wait, chap), _parallel(calls))
+    script = _script(_settings(iface, base, wait, chap), "snapshot_sessions\n" + _parallel(calls))
     ok = _run(host, script, [v.volume for v in vols], "iSCSI attach", 4 * wait + 180)
     missing = [k for k, words in ok.items() if not words]
     if missing:
