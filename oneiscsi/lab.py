@@ -47,7 +47,9 @@ class Demo:
         from oneiscsi.sim.oned import FakeOned
         from oneiscsi.sim.tgt import Tgtd
         say("starting the lab in %s" % self.work)
-        self.lab = Lab(os.path.join(self.work, "lab"), hosts=("host1", "host2"), san=True, libvirtd=True)
+        # the hosts share the system datastore's folder, as with OpenNebula's `shared` TM over NFS
+        self.lab = Lab(os.path.join(self.work, "lab"), hosts=("host1", "host2"), san=True, libvirtd=True,
+                       shared_datastores=True)
         self.parts.append(self.lab)
         self.lab.start()
         self.tgtd = Tgtd(os.path.join(self.work, "tgt"), portal="%s:3260" % self.lab.san.addr,
@@ -61,6 +63,12 @@ class Demo:
         self.oned = FakeOned(session="oneadmin:" + self.oned_pass)
         self.parts.append(self.oned)
         self.oned.start()
+        self.oned.hosts = ["host1", "host2"]
+        from oneiscsi.sim.onemodel import Cloud
+        # VM DISKs as oned writes them (Image::disk_attribute), ISCSI_* inherited from images
+        self.cloud = Cloud(self.oned, version=tuple(int(x) for x in self.version.split(".")), system_tm="shared",
+                           inherit=("ISCSI_HOST", "ISCSI_USER", "ISCSI_USAGE"))
+        self.cloud.system_datastore(shared=True)
         auth = os.path.join(self.work, "one_auth")
         with open(auth, "w") as f:
             f.write("oneadmin:%s\n" % self.oned_pass)
@@ -154,12 +162,13 @@ class Demo:
         self.action("ds", "iscsi", "cp", [6] if v >= (6, 8) else [bad, 6], stdin=bad if v >= (6, 8) else "",
                     expect_rc=1)
 
-        disk = onexml.disk_xml(0, {"SOURCE": source, "TM_MAD": "iscsi", "TYPE": "ISCSI", "PERSISTENT": "YES",
-                                   "CLONE": "NO", "TARGET": "vda", "ISCSI_HOST": self.lab.san.addr,
-                                   "ISCSI_USER": CHAP_USER, "ISCSI_USAGE": USAGE, "IMAGE_ID": 5,
-                                   "DATASTORE_ID": 101})
+        from oneiscsi.sim.onemodel import Img
+        image = self.cloud.image(Img(5, "lab disk", source, persistent=True, ds_id=101, ds_name="iscsi",
+                                     tm_mad="iscsi", disk_type="ISCSI", fmt="",
+                                     template={"ISCSI_HOST": self.lab.san.addr, "ISCSI_USER": CHAP_USER,
+                                               "ISCSI_USAGE": USAGE}))
         step(3, "deploy VM 42 on host1 (prolog: LN)")
-        self.oned.vms[42] = onexml.vm_xml(vmid=42, disks=[disk], hosts=("host1",), version=v)
+        self.cloud.vm(42, [(0, image)], hosts=("host1",))
         self.action("tm", "iscsi", "ln", ["fe:" + source, "host1:/var/lib/one/datastores/0/42/disk.0", 42, 101])
         xml = subprocess.run([sys.executable, sys.argv[0], "disk-xml", "--vm", "42"], capture_output=True,
                              text=True, env=self.env)
@@ -172,7 +181,7 @@ class Demo:
         vm = self.oned.vms[42]
         self.action("tm", "iscsi", "premigrate", ["host1", "host2", "/var/lib/one/datastores/0/42", 42, 0, "shared"],
                     stdin=onexml.b64(vm), note="VM template")
-        self.oned.vms[42] = onexml.vm_xml(vmid=42, disks=[disk], hosts=("host1", "host2"), version=v)
+        self.cloud.state(42, 3, "host1", "host2")
         self.qemu_io("host2", "after the move the VM reads")
         self.action("tm", "iscsi", "postmigrate", ["host1", "host2", "/var/lib/one/datastores/0/42", 42, 0, "shared"],
                     stdin=onexml.b64(vm), note="VM template")
@@ -266,50 +275,53 @@ class Demo:
                                size_mb=8, version=v)
         res = ds_action("cp", onexml.ds_action_data(img, ds), 7)
         source = res.stdout.split()[0]
-        self.oned.images[7] = onexml.image_xml(iid=7, name="Lab Image", source=source, persistent=True, ds_id=102,
-                                               ds_name="eql", size_mb=8, version=v)
+        from oneiscsi.sim.onemodel import Img
+        image = self.cloud.image(Img(7, "Lab Image", source, persistent=True, ds_id=102, ds_name="eql", size_mb=8))
         self.san()
 
-        disk = {"SOURCE": source, "TM_MAD": "eqliscsi", "TYPE": "BLOCK", "PERSISTENT": "YES", "CLONE": "NO",
-                "TARGET": "vda", "IMAGE_ID": 7, "DATASTORE_ID": 102, "SIZE": 8}
         link = "/var/lib/one/datastores/0/43/disk.0"
         step(9, "deploy VM 43 on host1 with the image as a persistent disk (LN logs host1 in)")
-        self.oned.vms[43] = onexml.vm_xml(vmid=43, disks=[onexml.disk_xml(0, disk)], hosts=("host1",), version=v)
+        self.cloud.vm(43, [(0, image)], hosts=("host1",))
         self.action("tm", "eqliscsi", "ln", ["fe:" + source, "host1:" + link, 43, 102])
         self.san()
         self.host_io("host1", link)
         self.host_io("host1", link, data="written on host1 by VM 43")
 
-        step(10, "live-migrate VM 43 host1 -> host2 (premigrate logs host2 in, postmigrate logs host1 out)")
-        vm = self.oned.vms[43]
+        step(10, "live-migrate VM 43 host1 -> host2 (premigrate logs host2 in, postmigrate logs host1 out; "
+                 "both hosts see one VM folder)")
+        vm = self.cloud.state(43, 4, "host1", "host2")
         self.action("tm", "eqliscsi", "premigrate", ["host1", "host2", "/var/lib/one/datastores/0/43", 43, 0,
                                                      "shared"], stdin=onexml.b64(vm), note="VM template")
         self.san("(both hosts logged in during the move)")
-        self.oned.vms[43] = onexml.vm_xml(vmid=43, disks=[onexml.disk_xml(0, disk)], hosts=("host1", "host2"),
-                                          version=v)
         self.action("tm", "eqliscsi", "postmigrate", ["host1", "host2", "/var/lib/one/datastores/0/43", 43, 0,
                                                       "shared"], stdin=onexml.b64(vm), note="VM template")
+        self.cloud.state(43, 3, "host1", "host2")
         self.san()
         self.host_io("host2", link)
 
         step(11, "terminate VM 43 (MVDS of the persistent disk: host2 logs out, the volume stays)")
+        self.cloud.state(43, 11, "host1", "host2")
         self.action("tm", "eqliscsi", "mvds", ["host2:" + link, source, 43, 102])
         self.action("tm", "eqliscsi", "delete", ["host2:/var/lib/one/datastores/0/43", 43, 0])
+        self.cloud.done(43)
         self.san()
 
-        step(12, "VM 44 with the image non-persistent (CLONE makes <volume>-44; DELETE removes it)")
-        np = dict(disk, CLONE="YES")
-        np.pop("PERSISTENT")
+        step(12, "oneimage nonpersistent 7; VM 44 uses it (oned sets CLONE=YES: CLONE makes <volume>-44, "
+                 "DELETE removes only that)")
+        image.persistent = False
+        self.cloud.image(image)
         link44 = "/var/lib/one/datastores/0/44/disk.0"
-        self.oned.vms[44] = onexml.vm_xml(vmid=44, disks=[onexml.disk_xml(0, np)], hosts=("host2",), version=v)
+        self.cloud.vm(44, [(0, image)], hosts=("host2",))
         self.action("tm", "eqliscsi", "clone", ["fe:" + source, "host2:" + link44, 44, 102])
         self.san()
         self.host_io("host2", link44)
+        self.cloud.state(44, 11)
         self.action("tm", "eqliscsi", "delete", ["host2:" + link44, 44, 102])
+        self.cloud.done(44)
         self.san()
 
         step(13, "delete the image (RM: offline + delete the volume)")
-        ds_action("rm", onexml.ds_action_data(self.oned.images[7], ds), 7)
+        ds_action("rm", onexml.ds_action_data(image.xml(v), ds), 7)
         self.san()
 
 

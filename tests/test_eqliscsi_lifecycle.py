@@ -11,12 +11,12 @@ import subprocess
 import pytest
 
 from oneiscsi.sim import onexml
-from tests.test_eqliscsi_tm import DSID, MiB, WRITER, World, disk_path, eql_disk, local, rand_bytes
+from tests.test_eqliscsi_tm import DSID, MiB, WRITER, World, disk_path, local, rand_bytes
 
 pytestmark = pytest.mark.needs_root
 
 # LCM_STATE (OpenNebula include/VirtualMachine.h)
-PROLOG, RUNNING, PROLOG_MIGRATE, EPILOG_UNDEPLOY, PROLOG_UNDEPLOY = 1, 3, 8, 30, 31
+PROLOG, RUNNING, MIGRATE, PROLOG_MIGRATE, EPILOG_UNDEPLOY, PROLOG_UNDEPLOY = 1, 3, 4, 8, 30, 31
 DISK_SNAPSHOT_POWEROFF, DISK_SNAPSHOT_REVERT_POWEROFF, DISK_RESIZE_POWEROFF, EPILOG = 51, 52, 63, 11
 
 
@@ -24,11 +24,12 @@ def lifecycle(w: World, h1: str, h2: str, vmid: int = 50, addr=None):
     """h1/h2: host names in the world's lab (addr: name -> address oned uses, default the name)."""
     addr = addr or {h1: h1, h2: h2}
     a1, a2 = addr[h1], addr[h2]
-    pers, pdata = w.register(1, "Persistent disk", size=4 * MiB, seed=1)
-    base, bdata = w.register(2, "Base image", size=4 * MiB, seed=2)
+    pimg = w.register(1, "Persistent disk", size=4 * MiB, seed=1)
+    bimg = w.register(2, "Base image", size=4 * MiB, seed=2, persistent=False)
+    pers, pdata, base, bdata = pimg.volume, pimg.data, bimg.volume, bimg.data
     assert (pers, base) == ("persistent-disk.1", "base-image.2")
     clone = "%s-%d" % (base, vmid)
-    disks = [eql_disk(0, pers), eql_disk(1, base, persistent=False)]
+    disks = [(0, pimg), (1, bimg)]
 
     def vm(lcm, *hosts):
         return w.vm(vmid, disks, hosts=hosts, lcm_state=lcm)
@@ -61,9 +62,14 @@ def lifecycle(w: World, h1: str, h2: str, vmid: int = 50, addr=None):
     w.write(h1, local(vmid, 0), new0, offset=MiB)
     w.write(h1, local(vmid, 1), new1, offset=MiB)
 
-    # live migration h1 -> h2 (migrate_other shape: 6 args, template on stdin)
-    xml = vm(RUNNING, a1)
-    margs = [a1, a2, "/var/lib/one/datastores/0/%d" % vmid, vmid, 0, "shared"]
+    # live migration h1 -> h2 (migrate_other shape: 6 args, template on stdin); first one that
+    # fails in the hypervisor (failmigrate undoes premigrate), then one that works
+    xml = vm(MIGRATE, a1, a2)
+    margs = [a1, a2, "/var/lib/one/datastores/0/%d" % vmid, vmid, 0, "shared" if w.shared else "ssh"]
+    w.tm("premigrate", *margs, stdin=onexml.b64(xml))
+    w.twice("failmigrate", *margs, stdin=onexml.b64(xml))
+    check({h1})
+    assert w.read(h1, local(vmid, 0), 131072, offset=MiB) == new0     # the link still resolves on h1
     w.reset_ssh()
     w.twice("premigrate", *margs, stdin=onexml.b64(xml))
     assert len(w.ssh_calls()) == 2                    # one round trip to h2 per run
@@ -72,13 +78,16 @@ def lifecycle(w: World, h1: str, h2: str, vmid: int = 50, addr=None):
     assert w.read(h2, local(vmid, 1), 131072, offset=MiB) == new1
     w.twice("postmigrate", *margs, stdin=onexml.b64(xml))
     check({h2})
+    assert w.read(h2, local(vmid, 0), 131072, offset=MiB) == new0     # with a shared folder too
+    assert w.read(h2, local(vmid, 1), 131072, offset=MiB) == new1
 
     # cold migration h2 -> h1
     vm(PROLOG_MIGRATE, a1, a2, a1)
     for did in (0, 1):
         w.twice("mv", disk_path(vmid, did, a2), disk_path(vmid, did, a1), vmid, DSID)
     check({h1})
-    assert w.link(h2, local(vmid, 0)) == "" and w.link(h1, local(vmid, 0)).startswith("/dev/")
+    assert w.link(h1, local(vmid, 0)).startswith("/dev/")
+    assert w.link(h2, local(vmid, 0)) == (w.link(h1, local(vmid, 0)) if w.shared else "")   # one folder or two
     assert w.read(h1, local(vmid, 1), 131072, offset=MiB) == new1
 
     # undeploy (to the frontend) and resume on h2
@@ -127,9 +136,11 @@ def lifecycle(w: World, h1: str, h2: str, vmid: int = 50, addr=None):
         assert not [v for v in w.logged_in(h) if v in (pers, clone, base, "saved.3")]
 
 
-@pytest.fixture
-def world(tmp_path, remotes):
-    w = World(tmp_path / "w", conf={"EQL_MULTIHOST": "disable", "EQL_SECURITY_ACCESS": "initiator " + WRITER})
+@pytest.fixture(params=["shared", "ssh"])
+def world(tmp_path, remotes, request):
+    """The system datastore shared by both hosts (one VM folder, as NFS) or per host."""
+    w = World(tmp_path / "w", conf={"EQL_MULTIHOST": "disable", "EQL_SECURITY_ACCESS": "initiator " + WRITER},
+              shared=request.param == "shared")
     w.remotes = remotes
     try:
         yield w

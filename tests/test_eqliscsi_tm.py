@@ -1,7 +1,9 @@
 """The eqliscsi transfer actions through the installed links, against real parts: two sshd
 hosts in network namespaces with the iscsiadm stand-in (real libiscsi logins), the EqualLogic
 simulator in the lab's SAN namespace whose volumes are real tgtd targets (access records are
-tgtd ACLs, so a host without a record really cannot log in), a fake oned over XML-RPC.
+tgtd ACLs, so a host without a record really cannot log in), a fake oned over XML-RPC whose VM
+DISKs are made by oned's rules (oneiscsi.sim.onemodel, never by hand), and a system datastore
+that is `shared` (one VM folder for both hosts, as NFS) or per host (`ssh`).
 ONEISCSI_SSH is a wrapper logging every ssh argv (round trips are counted from it).
 
 `World` is shared with test_eqliscsi_lifecycle*.py and bench/."""
@@ -30,7 +32,7 @@ MiB = 1024 * 1024
 class World:
     """Lab hosts + tgtd + EqlSim in the SAN netns + FakeOned + eqliscsi.conf + remotes."""
 
-    def __init__(self, work, hosts=("host1", "host2"), host_key=None, lab=None, conf=None):
+    def __init__(self, work, hosts=("host1", "host2"), host_key=None, lab=None, conf=None, shared=False):
         from oneiscsi.sim.eql import EqlSim
         from oneiscsi.sim.hosts import Lab
         from oneiscsi.sim.oned import FakeOned
@@ -39,7 +41,8 @@ class World:
         os.makedirs(self.work, exist_ok=True)
         traversable(self.work)
         self.own_lab = lab is None
-        self.lab = lab or Lab(os.path.join(self.work, "lab"), hosts=hosts, san=True)
+        self.lab = lab or Lab(os.path.join(self.work, "lab"), hosts=hosts, san=True, shared_datastores=shared)
+        self.shared = bool(getattr(self.lab, "shared_datastores", False))
         self.tgtd = self.sim = self.oned = None
         try:
             if self.own_lab:
@@ -52,6 +55,7 @@ class World:
             self.sim.start()
             self.oned = FakeOned(session="oneadmin:onepw")
             self.oned.start()
+            self.oned.hosts = list(self.lab.hosts)
         except BaseException:
             self.stop()
             raise
@@ -85,6 +89,12 @@ class World:
                     "ONEISCSI_EQL_CONF": self.conf_path, "ONEISCSI_LOCK_DIR": os.path.join(self.work, "locks"),
                     "ONEISCSI_STATE_DIR": os.path.join(self.work, "state")}
         self.datastore()
+        from oneiscsi.sim.onemodel import Cloud
+        tm_system = "shared" if self.shared else "ssh"
+        self.cloud = Cloud(self.oned, system_tm=tm_system, system_ds=SYSDS)
+        self.oned.datastores[SYSDS] = onexml.datastore_xml(
+            ds_id=SYSDS, name="system", ds_mad="-", tm_mad=tm_system, ds_type=1,
+            template={"SHARED": "YES" if self.shared else "NO"})
         self.remotes = None
         self.hosts = dict(self.lab.hosts)     # name -> object with .addr and .run(argv, user, input, check)
 
@@ -147,8 +157,9 @@ class World:
         assert a.out == b.out
         return a
 
-    def register(self, iid, name, size=4 * MiB, seed=1):
-        """DS cp of a random image -> (volume name, the bytes)."""
+    def register(self, iid, name, size=4 * MiB, seed=1, persistent=True, ptype="", itype=0):
+        """DS cp of a random image, then the image in oned -> onemodel.Img (.volume, .data)."""
+        from oneiscsi.sim.onemodel import Img
         data = rand_bytes(size, seed)
         path = os.path.join(self.staging, "src-%d.raw" % iid)
         with open(path, "wb") as f:
@@ -159,13 +170,37 @@ class World:
                               env=self.env)
         assert res.rc == 0, res
         os.unlink(path)
-        return res.out.split()[0], data
+        img = Img(iid, name, res.out.split()[0], persistent=persistent, ptype=ptype, itype=itype, ds_id=DSID,
+                  size_mb=size // MiB)
+        img.data = data
+        return self.cloud.image(img)
 
-    def vm(self, vmid, disks, hosts=("host1",), lcm_state=3, state=3):
-        xml = onexml.vm_xml(vmid=vmid, disks=disks, hosts=hosts, lcm_state=lcm_state, state=state,
-                            system_ds=SYSDS)
-        self.oned.vms[vmid] = xml
-        return xml
+    def vm(self, vmid, disks, hosts=("host1",), lcm_state=3, state=3, others=()):
+        """disks: (disk_id, Img[, what the VM owner wrote]) -> the VM XML oned keeps."""
+        return self.cloud.vm(vmid, disks, hosts=hosts, lcm_state=lcm_state, state=state, others=others)
+
+    def action(self, vmid, did, leaving=False) -> str:
+        """The TM action oned runs for this disk (clone/ln, or mvds/delete when leaving)."""
+        from oneiscsi.sim.onemodel import tm_action
+        return tm_action(self.cloud.disk(vmid, did), leaving)
+
+    def deploy(self, vmid, host, dids=None):
+        """The prolog oned runs: clone or ln for each disk, by the disk's CLONE."""
+        for did in sorted(dids if dids is not None else self.cloud.disks[vmid]):
+            img = self.cloud.images[int(self.cloud.disk(vmid, did)["IMAGE_ID"])]
+            self.tm(self.action(vmid, did), "fe:" + img.volume, disk_path(vmid, did, host), vmid, DSID)
+
+    def terminate(self, vmid, host):
+        """The epilog: mvds or delete per disk, then the VM is gone from oned."""
+        self.cloud.state(vmid, 11)
+        for did in sorted(self.cloud.disks[vmid]):
+            act = self.action(vmid, did, leaving=True)
+            img = self.cloud.images[int(self.cloud.disk(vmid, did)["IMAGE_ID"])]
+            if act == "mvds":
+                self.tm("mvds", disk_path(vmid, did, host), img.volume, vmid, DSID)
+            else:
+                self.tm("delete", disk_path(vmid, did, host), vmid, DSID)
+        self.cloud.done(vmid)
 
     # ---- looking at hosts and the SAN ----------------------------------------------------
     def sessions(self, host) -> list:
@@ -201,6 +236,11 @@ class World:
     def volume(self, name):
         return self.sim.group.volumes.get(name)
 
+    def clone_of(self, img, vmid, did=None) -> str:
+        """The name of the per-VM clone the driver made for this image (and disk)."""
+        from oneiscsi.drivers.eqliscsi import common
+        return common.clone_name(img.volume, vmid, did)
+
     def host_records(self, name) -> list:
         """Access records of a volume that name a lab host's address."""
         v = self.volume(name)
@@ -226,16 +266,6 @@ def rand_bytes(size, seed=1) -> bytes:
         out.append(hashlib.sha512(b"%d-%d" % (seed, n)).digest() * 16)
         n += 1
     return b"".join(out)[:size]
-
-
-def eql_disk(did, volume, persistent=True, **extra):
-    attrs = {"IMAGE_ID": did + 1, "SOURCE": volume, "TM_MAD": "eqliscsi", "DATASTORE_ID": DSID,
-             "TYPE": "BLOCK", "DISK_TYPE": "BLOCK", "TARGET": "vd" + "abcdefghijklmnopqrstuvwxyz"[did % 26] * (1 + did // 26),
-             "CLONE": "NO" if persistent else "YES", "SAVE": "YES" if persistent else "NO"}
-    if persistent:
-        attrs["PERSISTENT"] = "YES"
-    attrs.update(extra)
-    return onexml.disk_xml(did, attrs)
 
 
 def disk_path(vmid, did, host):
@@ -273,42 +303,150 @@ def w(world, remotes):
 _ids = iter(range(1000, 100000))
 
 
-def new_image(w, persistent=True, size=2 * MiB):
+def new_image(w, persistent=True, size=2 * MiB, ptype="", itype=0):
     iid = next(_ids)
-    vol, data = w.register(iid, "img %d" % iid, size=size, seed=iid)
-    return vol, data
+    return w.register(iid, "img %d" % iid, size=size, seed=iid, persistent=persistent, ptype=ptype, itype=itype)
+
+
+def _migrate_args(vmid, src="host1", dst="host2", system_tm="ssh"):
+    return [src, dst, "/var/lib/one/datastores/%d/%d" % (SYSDS, vmid), vmid, SYSDS, system_tm]
 
 
 # ---- tests ---------------------------------------------------------------------------------
 def test_ln_then_delete_twice_each_one_round_trip(w):
-    vol, data = new_image(w)
+    img = new_image(w)
     vmid = next(_ids)
-    w.vm(vmid, [eql_disk(0, vol)], hosts=("host1",), lcm_state=1)
-    w.twice("ln", "fe:" + vol, disk_path(vmid, 0, "host1"), vmid, DSID)
+    w.vm(vmid, [(0, img)], hosts=("host1",), lcm_state=1)
+    assert w.action(vmid, 0) == "ln"                      # oned's rule for a persistent image
+    w.twice("ln", "fe:" + img.volume, disk_path(vmid, 0, "host1"), vmid, DSID)
     assert len(w.ssh_calls()) == 2                      # one round trip per run
-    assert w.logged_in("host1").count(vol) == 1         # the second run did not log in again
+    assert w.logged_in("host1").count(img.volume) == 1  # the second run did not log in again
     assert w.link("host1", local(vmid, 0)).startswith("/dev/")
-    assert w.read("host1", local(vmid, 0), 65536) == data[:65536]
+    assert w.read("host1", local(vmid, 0), 65536) == img.data[:65536]
     w.reset_ssh()
     w.twice("delete", disk_path(vmid, 0, "host1"), vmid, DSID)
     assert len(w.ssh_calls()) == 2
-    assert vol not in w.logged_in("host1")
+    assert img.volume not in w.logged_in("host1")
     assert w.link("host1", local(vmid, 0)) == ""
-    assert w.volume(vol) is not None                    # a persistent volume is never deleted
+    assert w.volume(img.volume) is not None             # a persistent volume is never deleted
+    w.cloud.done(vmid)
 
 
 def test_clone_is_per_vm_and_delete_removes_only_the_clone(w):
-    vol, data = new_image(w)
+    img = new_image(w, persistent=False)
     vmid = next(_ids)
-    w.vm(vmid, [eql_disk(0, vol, persistent=False)])
-    w.twice("clone", "fe:" + vol, disk_path(vmid, 0, "host2"), vmid, DSID)
-    clone = "%s-%d" % (vol, vmid)
+    w.vm(vmid, [(0, img)])
+    assert w.action(vmid, 0) == "clone"
+    w.twice("clone", "fe:" + img.volume, disk_path(vmid, 0, "host2"), vmid, DSID)
+    clone = w.clone_of(img, vmid)
     assert w.volume(clone) is not None and w.volume(clone).multihost is False
-    assert w.logged_in("host2").count(clone) == 1 and vol not in w.logged_in("host2")
-    assert w.read("host2", local(vmid, 0), 65536) == data[:65536]
+    assert w.logged_in("host2").count(clone) == 1 and img.volume not in w.logged_in("host2")
+    assert w.read("host2", local(vmid, 0), 65536) == img.data[:65536]
     w.twice("delete", disk_path(vmid, 0, "host2"), vmid, DSID)
-    assert w.volume(clone) is None and w.volume(vol) is not None
+    assert w.volume(clone) is None and w.volume(img.volume) is not None
     assert clone not in w.logged_in("host2")
+    w.cloud.done(vmid)
+
+
+def test_a_user_written_persistent_never_gives_the_golden_volume(w):
+    """Image::disk_attribute leaves a VM owner's PERSISTENT=YES next to a non-persistent image
+    (CLONE=YES): the VM still gets its own clone and the image's volume is never logged in."""
+    img = new_image(w, persistent=False)
+    vmid = next(_ids)
+    w.vm(vmid, [(0, img, {"PERSISTENT": "YES"})], hosts=("host1",), lcm_state=1)
+    disk = w.cloud.disk(vmid, 0)
+    assert disk["PERSISTENT"] == "YES" and disk["CLONE"] == "YES"
+    res = w.tm("ln", "fe:" + img.volume, disk_path(vmid, 0, "host1"), vmid, DSID, ok=False)
+    assert res.rc != 0 and "CLONE=YES" in res.err and res.err.count("\n") == 1, res
+    assert img.volume not in w.logged_in("host1")
+    w.deploy(vmid, "host1")
+    assert w.logged_in("host1").count(w.clone_of(img, vmid)) == 1 and img.volume not in w.logged_in("host1")
+    w.write("host1", local(vmid, 0), b"\xff" * 65536)
+    w.terminate(vmid, "host1")
+    assert w.volume(w.clone_of(img, vmid)) is None
+    assert open(w.volume(img.volume).backing, "rb").read(65536) == img.data[:65536]   # golden untouched
+
+
+def test_the_same_image_twice_in_one_vm_gets_two_clones(w):
+    img = new_image(w, persistent=False)
+    vmid = next(_ids)
+    w.vm(vmid, [(0, img), (1, img)], hosts=("host1",), lcm_state=1)
+    w.deploy(vmid, "host1")
+    a, b = w.clone_of(img, vmid), w.clone_of(img, vmid, 1)
+    assert w.volume(a) is not None and w.volume(b) is not None
+    assert w.logged_in("host1").count(a) == 1 and w.logged_in("host1").count(b) == 1
+    w.write("host1", local(vmid, 0), b"\x01" * 65536)
+    assert w.read("host1", local(vmid, 1), 65536) == img.data[:65536]      # two disks, two volumes
+    w.terminate(vmid, "host1")
+    assert w.volume(a) is None and w.volume(b) is None
+
+
+def test_delete_never_deletes_a_foreign_volume_named_like_the_clone(w):
+    img = new_image(w, persistent=False)
+    vmid = next(_ids)
+    foreign = w.clone_of(img, vmid)
+    w.sim.group.create_volume(foreign, "4MB", description="somebody else's data")
+    w.vm(vmid, [(0, img)], hosts=("host1",), lcm_state=1)
+    w.deploy(vmid, "host1")
+    ours = w.clone_of(img, vmid, 0)
+    assert w.logged_in("host1").count(ours) == 1 and foreign not in w.logged_in("host1")
+    w.terminate(vmid, "host1")
+    assert w.volume(ours) is None and w.volume(foreign) is not None
+    w.sim.group.set_online(foreign, False)
+    w.sim.group.delete_volume(foreign)
+
+
+def test_immutable_and_cdrom_volumes_are_shared_and_never_cut_under_another_vm(w):
+    """Three VMs on one IMMUTABLE image (two on host1, one on host2) and a CDROM: each deploy
+    links the image's own volume read-only; the session on a host goes only with its last VM;
+    multihost follows the hosts in use; nothing is deleted."""
+    gold = new_image(w, persistent=True, ptype="IMMUTABLE")
+    iso = new_image(w, persistent=False, itype=1)
+    a, b, c = next(_ids), next(_ids), next(_ids)
+    for vmid, host in ((a, "host1"), (b, "host1"), (c, "host2")):
+        w.vm(vmid, [(0, gold), (1, iso)], hosts=(host,), lcm_state=1)
+        for did in (0, 1):
+            d = w.cloud.disk(vmid, did)
+            assert (d["CLONE"], d["READONLY"], d["SAVE"]) == ("NO", "YES", "NO") and "PERSISTENT" not in d
+        w.deploy(vmid, host)
+        w.cloud.state(vmid, 3)
+    for vol in (gold.volume, iso.volume):
+        assert w.logged_in("host1").count(vol) == 1 and w.logged_in("host2").count(vol) == 1
+        assert w.volume(vol).multihost is True            # two hosts use it (EQL_MULTIHOST=disable)
+    assert w.action(a, 0, leaving=True) == "delete"
+    w.terminate(a, "host1")
+    assert w.logged_in("host1").count(gold.volume) == 1 and w.link("host1", local(a, 0)) == ""
+    assert w.read("host1", local(b, 0), 65536) == gold.data[:65536]     # b's disk still works
+    w.terminate(c, "host2")
+    assert gold.volume not in w.logged_in("host2") and w.volume(gold.volume).multihost is False
+    w.terminate(b, "host1")
+    assert gold.volume not in w.logged_in("host1") and iso.volume not in w.logged_in("host1")
+    assert w.volume(gold.volume) is not None and w.volume(iso.volume) is not None
+
+
+def test_a_disk_still_open_on_the_host_is_not_logged_out(w):
+    """The host-side guard (HA: two frontends may decide from different moments): whatever
+    oned says, a detach never logs out a disk a process on the host holds open."""
+    img = new_image(w)
+    vmid = next(_ids)
+    w.vm(vmid, [(0, img)], hosts=("host1",), lcm_state=1)
+    w.deploy(vmid, "host1")
+    dev = w.hosts["host1"].run(["readlink", "-f", local(vmid, 0)]).stdout.strip()
+    h1 = w.lab.hosts["host1"]         # a process of oneadmin (as qemu is) holding the disk open
+    holder = subprocess.Popen(h1._enter("oneadmin") + ["sh", "-c", 'exec 3<"$1"; exec sleep 30', "h", dev])
+    try:
+        assert oneutil.wait_for(lambda: w.hosts["host1"].run(
+            ["sh", "-c", 'find /proc/[0-9]*/fd -maxdepth 1 -lname "$1" 2>/dev/null | grep -q .', "f", dev],
+            check=False).returncode == 0, 10)
+        res = w.tm("delete", disk_path(vmid, 0, "host1"), vmid, DSID, ok=False)
+        assert res.rc != 0 and "still in use" in res.err and "sleep" in res.err and res.err.count("\n") == 1, res
+        assert w.logged_in("host1").count(img.volume) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    w.tm("delete", disk_path(vmid, 0, "host1"), vmid, DSID)
+    assert img.volume not in w.logged_in("host1")
+    w.cloud.done(vmid)
 
 
 def test_not_supported_actions_say_so_in_one_line(w):
@@ -323,35 +461,38 @@ def test_host_access_records_follow_the_disk(w):
     w.datastore(EQL_HOST_ACCESS="ipaddress", EQL_SECURITY_ACCESS="initiator " + WRITER)
     w.conf(EQL_MULTIHOST="disable", EQL_SECURITY_ACCESS="initiator " + WRITER)
     try:
-        vol, data = new_image(w)
+        img = new_image(w)
+        vol = img.volume
         assert w.host_records(vol) == []
         vmid = next(_ids)
         h1 = w.lab.hosts["host1"].addr      # lab names resolve through ssh_config only: use the address
-        w.vm(vmid, [eql_disk(0, vol)], hosts=(h1,))
+        w.vm(vmid, [(0, img)], hosts=(h1,))
         w.twice("ln", "fe:" + vol, disk_path(vmid, 0, h1), vmid, DSID)
         assert w.host_records(vol) == ["host1"]
-        assert w.read("host1", local(vmid, 0), 65536) == data[:65536]
-        # host2 has no record: tgtd refuses its login
-        vm2 = next(_ids)
-        w.vm(vm2, [eql_disk(0, vol)], hosts=("host2",))
-        w.datastore(EQL_SECURITY_ACCESS="initiator " + WRITER)
-        res = w.tm("ln", "fe:" + vol, disk_path(vm2, 0, "host2"), vm2, DSID, ok=False)
-        assert res.rc != 0 and "host2" in res.err and "access records" in res.err, res
-        w.datastore(EQL_HOST_ACCESS="ipaddress", EQL_SECURITY_ACCESS="initiator " + WRITER)
+        assert w.read("host1", local(vmid, 0), 65536) == img.data[:65536]
+        w.cloud.state(vmid, 11)
         w.twice("mvds", disk_path(vmid, 0, h1), vol, vmid, DSID)
         assert w.host_records(vol) == [] and vol not in w.logged_in("host1")
         assert any(a.initiator == WRITER for a in w.volume(vol).access)   # static record kept
-        for v in (vmid, vm2):   # terminated: gone from oned's pool (reconcile must not see host1 by address)
-            w.oned.vms.pop(v)
+        w.cloud.done(vmid)
+        # host2 has no record and EQL_HOST_ACCESS is off: tgtd refuses its login
+        w.datastore(EQL_SECURITY_ACCESS="initiator " + WRITER)
+        vm2 = next(_ids)
+        w.vm(vm2, [(0, img)], hosts=("host2",))
+        res = w.tm("ln", "fe:" + vol, disk_path(vm2, 0, "host2"), vm2, DSID, ok=False)
+        assert res.rc != 0 and "host2" in res.err and "access records" in res.err, res
+        w.cloud.done(vm2)
     finally:
         w.conf(EQL_MULTIHOST="disable")
 
 
 def test_fifteen_concurrent_ln_on_one_host_no_duplicate_session(w):
-    vols = [new_image(w)[0] for _ in range(5)]
+    """Five SHAREABLE persistent images, three VMs each, all deployed at once on host1."""
+    imgs = [new_image(w, ptype="SHAREABLE") for _ in range(5)]
     vmids = [next(_ids) for _ in range(15)]
     for i, vmid in enumerate(vmids):
-        w.vm(vmid, [eql_disk(0, vols[i % 5])])
+        w.vm(vmid, [(0, imgs[i % 5])])
+        assert w.cloud.disk(vmid, 0)["SHAREABLE"] == "YES"
     results = {}
 
     def go(i, vmid):
@@ -363,38 +504,29 @@ def test_fifteen_concurrent_ln_on_one_host_no_duplicate_session(w):
         t.join()
     assert all(r.rc == 0 for r in results.values()), [r for r in results.values() if r.rc]
     assert len(w.ssh_calls()) == 15                       # exactly one round trip each
-    assert w.logged_in("host1").count(vols[0]) == 1
-    assert sorted(set(w.logged_in("host1")) & set(vols)) == sorted(vols)
-    assert len([v for v in w.logged_in("host1") if v in vols]) == 5   # no duplicate session
+    vols = [i.volume for i in imgs]
+    assert sorted(v for v in w.logged_in("host1") if v in vols) == sorted(vols)   # no duplicate session
     for vmid in vmids:
         assert w.link("host1", local(vmid, 0)).startswith("/dev/")
-    for i, vmid in enumerate(vmids[:5]):
-        w.tm("delete", disk_path(vmid, 0, "host1"), vmid, DSID)
-
-
-def _migrate_args(vmid, src="host1", dst="host2"):
-    return [src, dst, "/var/lib/one/datastores/%d/%d" % (SYSDS, vmid), vmid, SYSDS, "shared"]
+    for vmid in vmids:
+        w.terminate(vmid, "host1")
+    assert not [v for v in w.logged_in("host1") if v in vols]
 
 
 def test_vm_with_eight_mixed_disks_migrates_every_eqliscsi_disk_in_one_round_trip(w):
     pers = [new_image(w) for _ in range(3)]
-    nonp = [new_image(w) for _ in range(2)]
+    nonp = [new_image(w, persistent=False) for _ in range(2)]
     vmid = next(_ids)
-    disks = [eql_disk(0, pers[0][0]),
-             onexml.disk_xml(1, {"SOURCE": "iqn.2024-01.org.example:lun/1", "TM_MAD": "iscsi", "TYPE": "ISCSI",
-                                 "PERSISTENT": "YES", "ISCSI_HOST": "10.9.9.9", "DATASTORE_ID": 101}),
-             eql_disk(2, nonp[0][0], persistent=False),
-             onexml.disk_xml(3, {"TYPE": "fs", "SIZE": 100, "FORMAT": "raw"}),       # volatile: no TM_MAD
-             onexml.disk_xml(4, {"TYPE": "CDROM", "SOURCE": "/var/lib/one/datastores/1/abc", "TM_MAD": "shared",
-                                 "READONLY": "YES", "CLONE": "NO", "DATASTORE_ID": 1}),
-             eql_disk(5, pers[1][0]), eql_disk(6, nonp[1][0], persistent=False), eql_disk(7, pers[2][0])]
-    xml = w.vm(vmid, disks, hosts=("host1",), lcm_state=1)
+    others = [{"DISK_ID": 1, "SOURCE": "iqn.2024-01.org.example:lun/1", "TM_MAD": "iscsi", "TYPE": "ISCSI",
+               "PERSISTENT": "YES", "CLONE": "NO", "ISCSI_HOST": "10.9.9.9", "DATASTORE_ID": 101},
+              {"DISK_ID": 3, "TYPE": "fs", "SIZE": 100, "FORMAT": "raw"},           # volatile: no TM_MAD
+              {"DISK_ID": 4, "TYPE": "CDROM", "SOURCE": "/var/lib/one/datastores/1/abc", "TM_MAD": "shared",
+               "READONLY": "YES", "CLONE": "NO", "DATASTORE_ID": 1}]
     ours = {0: pers[0], 2: nonp[0], 5: pers[1], 6: nonp[1], 7: pers[2]}
-    vols = {}
-    for did, (vol, _) in ours.items():
-        action = "ln" if did in (0, 5, 7) else "clone"
-        w.tm(action, "fe:" + vol, disk_path(vmid, did, "host1"), vmid, DSID)
-        vols[did] = vol if action == "ln" else "%s-%d" % (vol, vmid)
+    xml = w.vm(vmid, sorted(ours.items()), hosts=("host1",), lcm_state=1, others=others)
+    w.deploy(vmid, "host1")
+    vols = {did: img.volume if img.persistent else w.clone_of(img, vmid) for did, img in ours.items()}
+    xml = w.cloud.state(vmid, 4, "host1", "host2")          # MIGRATE
     w.reset_ssh()
     b64 = onexml.b64(xml)
     w.twice("premigrate", *_migrate_args(vmid), stdin=b64)
@@ -403,7 +535,7 @@ def test_vm_with_eight_mixed_disks_migrates_every_eqliscsi_disk_in_one_round_tri
     for did, vol in vols.items():
         assert w.logged_in("host2").count(vol) == 1 and vol in w.logged_in("host1")
         assert w.volume(vol).multihost is True
-        assert w.read("host2", local(vmid, did), 65536) == ours[did][1][:65536]
+        assert w.read("host2", local(vmid, did), 65536) == ours[did].data[:65536]
     assert w.link("host2", local(vmid, 3)) == "" and w.link("host2", local(vmid, 1)) == ""
     w.reset_ssh()
     w.twice("postmigrate", *_migrate_args(vmid), stdin=b64)
@@ -411,37 +543,64 @@ def test_vm_with_eight_mixed_disks_migrates_every_eqliscsi_disk_in_one_round_tri
     for did, vol in vols.items():
         assert vol not in w.logged_in("host1") and w.logged_in("host2").count(vol) == 1
         assert w.volume(vol).multihost is False            # back to EQL_MULTIHOST=disable
-    for did in vols:
-        w.tm("delete", disk_path(vmid, did, "host2"), vmid, DSID)
+    w.cloud.state(vmid, 3, "host1", "host2")
+    w.terminate(vmid, "host2")
     assert not set(vols.values()) & set(w.logged_in("host2"))
 
 
-def test_failed_live_migration_leaves_a_stray_that_ln_and_reconcile_clean(w, pyz):
-    vol, _ = new_image(w)
-    vmid = next(_ids)
-    xml = w.vm(vmid, [eql_disk(0, vol)], hosts=("host1",))
-    w.tm("ln", "fe:" + vol, disk_path(vmid, 0, "host1"), vmid, DSID)
-    w.tm("premigrate", *_migrate_args(vmid), stdin=onexml.b64(xml))
-    # the hypervisor migration failed; oned never calls our failmigrate: host2 keeps the session
+def _env(w, name):
+    """The environment of another frontend: its own lock and state folders (nothing shared
+    with the others but oned, the group and the hosts)."""
+    d = os.path.join(w.work, "frontend-" + name)
+    return dict(w.env, ONEISCSI_LOCK_DIR=os.path.join(d, "locks"), ONEISCSI_STATE_DIR=os.path.join(d, "state"))
+
+
+def test_failed_live_migration_stray_is_found_from_any_frontend(w, pyz):
+    """Deploy from frontend A; a live migration whose hypervisor step fails leaves host2 logged
+    in (oned never calls our failmigrate); frontend B's reconcile (empty state folder) finds it
+    from oned's history and the hosts, and frontend C's next premigrate cleans it."""
+    img = new_image(w)
+    vol, vmid = img.volume, next(_ids)
+    w.vm(vmid, [(0, img)], hosts=("host1",), lcm_state=1)
+    w.env, env_a = _env(w, "a"), w.env
+    try:
+        w.deploy(vmid, "host1")
+        xml = w.cloud.state(vmid, 4, "host1", "host2")
+        w.tm("premigrate", *_migrate_args(vmid), stdin=onexml.b64(xml))
+    finally:
+        w.env = env_a
+    w.cloud.failed_live_migration(vmid)                        # history: host1, host2, host1
     assert vol in w.logged_in("host2")
-    env = dict(os.environ, **w.env)
-    rec = subprocess.run([oneutil.PYTHON, str(oneutil.PYZ), "reconcile"], capture_output=True, text=True, env=env)
+    env_b = dict(os.environ, **_env(w, "b"))
+    rec = subprocess.run([oneutil.PYTHON, str(oneutil.PYZ), "reconcile"], capture_output=True, text=True, env=env_b)
     assert rec.returncode == 1 and re.search(r"^STRAY session host=host2 volume=%s " % re.escape(vol),
                                              rec.stdout, re.M), rec
+    assert not re.search(r"host=host1 volume=%s " % re.escape(vol), rec.stdout), rec
     rec = subprocess.run([oneutil.PYTHON, str(oneutil.PYZ), "reconcile", "--fix"], capture_output=True,
-                         text=True, env=env)
+                         text=True, env=dict(os.environ, **_env(w, "c")))
     assert rec.returncode == 0 and "FIXED STRAY session host=host2" in rec.stdout, rec
     assert vol not in w.logged_in("host2") and vol in w.logged_in("host1"), rec
-    rec = subprocess.run([oneutil.PYTHON, str(oneutil.PYZ), "reconcile"], capture_output=True, text=True, env=env)
-    assert rec.returncode == 0 and "0 finding(s)" in rec.stdout, rec
-    # again, and this time the VM is stopped and resumed on host1: ln logs out the stray on host2
+    # again; then the VM is stopped and resumed on host1 (from frontend D): the resume finds the
+    # stray on host2 (the group counts a connection no VM in oned explains) and logs it out
+    xml = w.cloud.state(vmid, 4, "host1", "host2", "host1", "host2")
     w.tm("premigrate", *_migrate_args(vmid), stdin=onexml.b64(xml))
-    w.tm("delete", disk_path(vmid, 0, "host1"), vmid, DSID)
-    w.reset_ssh()
-    w.tm("ln", "fe:" + vol, disk_path(vmid, 0, "host1"), vmid, DSID)
+    w.cloud.failed_live_migration(vmid)
+    hist = ("host1", "host2", "host1", "host2", "host1")
+    assert w.logged_in("host2").count(vol) == 1
+    w.env, env_a = _env(w, "d"), w.env
+    try:
+        w.cloud.state(vmid, 10, *hist, state=3)                         # EPILOG_STOP
+        w.tm("mv", disk_path(vmid, 0, "host1"), disk_path(vmid, 0, "fe"), vmid, DSID)
+        w.cloud.state(vmid, 9, *(hist + ("host1",)))                    # PROLOG_RESUME
+        w.reset_ssh()
+        w.tm("mv", disk_path(vmid, 0, "fe"), disk_path(vmid, 0, "host1"), vmid, DSID)
+    finally:
+        w.env = env_a
     assert vol not in w.logged_in("host2") and w.logged_in("host1").count(vol) == 1
     assert sorted(c.split()[-3] for c in w.ssh_calls()) == ["host1", "host2"]   # one round trip per host
-    w.tm("delete", disk_path(vmid, 0, "host1"), vmid, DSID)
+    w.cloud.state(vmid, 3)
+    w.terminate(vmid, "host1")
+    assert vol not in w.logged_in("host1")
 
 
 @pytest.mark.parametrize("fault", ["drop_after", "drop_mid"])
@@ -449,11 +608,11 @@ def test_san_connection_drop_during_actions(w, fault):
     """The group drops the connection in the middle of each SAN-changing action: the action
     either completes (retry-safe commands) or fails leaving the SAN and the host as before;
     a re-run then succeeds."""
-    vol, _ = new_image(w)
+    img = new_image(w, persistent=False)
     vmid = next(_ids)
-    w.vm(vmid, [eql_disk(0, vol, persistent=False)], hosts=("host1",))
-    clone = "%s-%d" % (vol, vmid)
-    steps = [("clone", ("fe:" + vol, disk_path(vmid, 0, "host1"), vmid, DSID), r"clone"),
+    w.vm(vmid, [(0, img)], hosts=("host1",))
+    clone = w.clone_of(img, vmid)
+    steps = [("clone", ("fe:" + img.volume, disk_path(vmid, 0, "host1"), vmid, DSID), r"clone"),
              ("snap_create", (disk_path(vmid, 0, "host1"), 0, vmid, DSID), r"create-now"),
              ("resize", (disk_path(vmid, 0, "host1"), 8, vmid, DSID), r" size "),
              ("snap_delete", (disk_path(vmid, 0, "host1"), 0, vmid, DSID), r"snapshot delete"),
@@ -471,16 +630,18 @@ def test_san_connection_drop_during_actions(w, fault):
             assert res.err.count("\n") == 1, res
         w.sim.faults.clear()
         w.tm(action, *args)                       # completes now
-    assert w.volume(clone) is None and w.volume(vol) is not None
+    assert w.volume(clone) is None and w.volume(img.volume) is not None
     assert w.volume("saved.%d" % vmid) is not None
     assert clone not in w.logged_in("host1")
+    w.cloud.done(vmid)
 
 
 def test_save_as_of_a_snapshot_and_of_the_live_volume(w):
-    vol, data = new_image(w)
+    img = new_image(w)
+    vol = img.volume
     vmid = next(_ids)
-    w.vm(vmid, [eql_disk(0, vol)], hosts=("host1",))
-    w.tm("ln", "fe:" + vol, disk_path(vmid, 0, "host1"), vmid, DSID)
+    w.vm(vmid, [(0, img)], hosts=("host1",))
+    w.deploy(vmid, "host1")
     w.twice("snap_create", disk_path(vmid, 0, "host1"), 3, vmid, DSID)
     assert "one-snap-3" in w.volume(vol).snapshots
     w.twice("cpds", disk_path(vmid, 0, "host1"), "snap-copy.%d" % vmid, 3, vmid, DSID)
@@ -491,34 +652,137 @@ def test_save_as_of_a_snapshot_and_of_the_live_volume(w):
     assert res.rc != 0                                     # never onto the disk's own volume
     w.twice("snap_delete", disk_path(vmid, 0, "host1"), 3, vmid, DSID)
     assert "one-snap-3" not in w.volume(vol).snapshots
-    w.tm("delete", disk_path(vmid, 0, "host1"), vmid, DSID)
+    w.terminate(vmid, "host1")
+
+
+def test_save_as_source_is_taken_only_when_oneds_image_confirms_it(w):
+    """4.x SAVE_AS_SOURCE is a DISK attribute a VM owner can write: mvds clones to it only when
+    the SAVE_AS image in oned has that SOURCE."""
+    from oneiscsi.sim.onemodel import Img
+    img = new_image(w)
+    vmid = next(_ids)
+    target = w.cloud.image(Img(next(_ids), "saved", "saved-image.%d" % vmid, ds_id=DSID))
+    w.vm(vmid, [(0, img, {"SAVE_AS": target.iid, "SAVE_AS_SOURCE": "victim.%d" % vmid})], hosts=("host1",))
+    w.deploy(vmid, "host1")
+    w.cloud.state(vmid, 11)
+    res = w.tm("mvds", disk_path(vmid, 0, "host1"), img.volume, vmid, DSID, ok=False)
+    assert res.rc != 0 and "SAVE_AS_SOURCE" in res.err and res.err.count("\n") == 1, res
+    assert w.volume("victim.%d" % vmid) is None and w.logged_in("host1").count(img.volume) == 1
+    w.vm(vmid, [(0, img, {"SAVE_AS": target.iid, "SAVE_AS_SOURCE": target.volume})], hosts=("host1",),
+         lcm_state=11)
+    w.twice("mvds", disk_path(vmid, 0, "host1"), img.volume, vmid, DSID)
+    assert w.volume(target.volume) is not None and img.volume not in w.logged_in("host1")
+    w.cloud.done(vmid)
 
 
 def test_premigrate_4x_template_in_argv_through_the_legacy_wrapper(w, remotes_factory, tmp_path):
     """4.x: no migrate_other; install --legacy-migrate-wrappers puts oneiscsi over
-    tm/shared/premigrate, which runs our step for the eqliscsi disks, then the original."""
+    tm/shared/premigrate, which runs our step for the eqliscsi disks, then the original; when the
+    original fails, our step is undone."""
     import pathlib
     r = pathlib.Path(tmp_path / "r414")
     r.mkdir()
     (r / "VERSION").write_text("4.14.0\n")
+    orig_rc = tmp_path / "orig.rc"
+    orig_rc.write_text("0")
     for action in ("premigrate", "postmigrate"):
         p = r / "tm" / "shared" / action
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text("#!/bin/sh\necho ORIGINAL-%s \"$#\" >> %s\nexit 0\n" % (action, tmp_path / "orig.log"))
+        p.write_text("#!/bin/sh\necho ORIGINAL-%s \"$#\" >> %s\nexit $(cat %s)\n"
+                     % (action, tmp_path / "orig.log", orig_rc))
         p.chmod(0o755)
     subprocess.run([oneutil.PYTHON, str(oneutil.PYZ), "install", "--remotes", str(r), "--python", oneutil.PYTHON,
                     "--legacy-migrate-wrappers", "shared"], check=True, capture_output=True)
-    vol, data = new_image(w)
+    from oneiscsi.sim.onemodel import Cloud
+    cloud4 = Cloud(w.oned, version=(4, 14), system_tm="shared", system_ds=SYSDS)
+    img = new_image(w)
+    cloud4.image(img)
     vmid = next(_ids)
-    xml = onexml.vm_xml(vmid=vmid, disks=[eql_disk(0, vol)], hosts=("host1",), version=(4, 14))
-    w.oned.vms[vmid] = xml
-    w.tm("ln", "fe:" + vol, disk_path(vmid, 0, "host1"), vmid, DSID)
+    xml = cloud4.vm(vmid, [(0, img)], hosts=("host1",))
+    w.tm("ln", "fe:" + img.volume, disk_path(vmid, 0, "host1"), vmid, DSID)
+    xml = cloud4.state(vmid, 4, "host1", "host2")
     args = ["host1", "host2", "/var/lib/one/datastores/0/%d" % vmid, str(vmid), "0", onexml.b64(xml)]
+    # the original premigrate fails: our logins on host2 are taken back
+    orig_rc.write_text("1")
+    res = oneutil.run(r / "tm" / "shared" / "premigrate", args, env=w.env)
+    assert res.rc == 1 and img.volume not in w.logged_in("host2") and w.volume(img.volume).multihost is False, res
+    assert w.read("host1", local(vmid, 0), 65536) == img.data[:65536]
+    orig_rc.write_text("0")
     for action in ("premigrate", "postmigrate"):
         res = oneutil.run(r / "tm" / "shared" / action, args, env=w.env)
         assert res.rc == 0, res
-    assert (tmp_path / "orig.log").read_text().split() == ["ORIGINAL-premigrate", "6", "ORIGINAL-postmigrate", "6"]
-    assert vol not in w.logged_in("host1") and w.logged_in("host2").count(vol) == 1
-    assert w.read("host2", local(vmid, 0), 65536) == data[:65536]
+    assert (tmp_path / "orig.log").read_text().split() == ["ORIGINAL-premigrate", "6"] * 2 + ["ORIGINAL-postmigrate", "6"]
+    assert img.volume not in w.logged_in("host1") and w.logged_in("host2").count(img.volume) == 1
+    assert w.read("host2", local(vmid, 0), 65536) == img.data[:65536]
     w.tm("delete", disk_path(vmid, 0, "host2"), vmid, DSID)
-    w.oned.vms.pop(vmid)
+    cloud4.done(vmid)
+
+
+def _legacy_tree(tmp_path, name="r414"):
+    """A 4.14 remotes tree whose tm/shared/premigrate is oneiscsi's legacy wrapper over an
+    original that logs its calls."""
+    import pathlib
+    r = pathlib.Path(tmp_path / name)
+    (r / "tm" / "shared").mkdir(parents=True)
+    (r / "VERSION").write_text("4.14.0\n")
+    for action in ("premigrate", "postmigrate", "failmigrate"):
+        p = r / "tm" / "shared" / action
+        p.write_text("#!/bin/sh\necho ORIGINAL-%s >> %s\nexit 0\n" % (action, tmp_path / "orig.log"))
+        p.chmod(0o755)
+    subprocess.run([oneutil.PYTHON, str(oneutil.PYZ), "install", "--remotes", str(r), "--python", oneutil.PYTHON,
+                    "--legacy-migrate-wrappers", "shared"], check=True, capture_output=True)
+    return r
+
+
+@pytest.mark.parametrize("style", ["migrate_other", "legacy-eqliscsi-login", "legacy-iscsi-check"])
+def test_premigrate_failing_partway_leaves_host_and_san_as_before(w, tmp_path, style):
+    """Two eqliscsi disks; premigrate fails partway: the destination refuses one login (its
+    volume admits host1 only), or, through the 4.x wrapper, the next driver's step fails (the
+    iscsi disk's CHAP secret is missing on host2). Afterwards host2 has no session, multihost
+    and access records are as before, and the VM still reads both disks on host1."""
+    from oneiscsi.sim.onemodel import Cloud, Img
+    legacy = style.startswith("legacy")
+    cloud = Cloud(w.oned, version=(4, 14) if legacy else (6, 8), system_tm="ssh", system_ds=SYSDS)
+    a, b = new_image(w), new_image(w)
+    for img in (a, b):
+        cloud.image(img)
+    vmid = next(_ids)
+    disks = [(0, a), (1, b)]
+    if style == "legacy-iscsi-check":
+        lun = cloud.image(Img(next(_ids), "lun", "iqn.2024-01.org.example:lun/1", ds_id=101, tm_mad="iscsi",
+                              disk_type="ISCSI", fmt="", template={"ISCSI_HOST": "10.9.9.9", "ISCSI_USER": "u",
+                                                                   "ISCSI_USAGE": "no-such-usage"}))
+        cloud.inherit = ("ISCSI_HOST", "ISCSI_USER", "ISCSI_USAGE")
+        w.oned.datastores[101] = onexml.datastore_xml(ds_id=101, name="iscsi", ds_mad="iscsi", tm_mad="iscsi")
+        disks.append((2, lun))
+    cloud.vm(vmid, disks, hosts=("host1",), lcm_state=1)
+    for did in (0, 1):
+        w.tm("ln", "fe:x", disk_path(vmid, did, "host1"), vmid, DSID)
+    if style != "legacy-iscsi-check":     # b admits host1 only: tgtd refuses host2's login
+        w.sim.group.add_access(b.volume, ipaddress=w.lab.hosts["host1"].addr)
+        for rec in [r for r in w.volume(b.volume).access if r.ipaddress == "*.*.*.*"]:
+            w.sim.group.delete_access(b.volume, rec.id)
+    before = {v: (w.volume(v).multihost, [(r.id, r.ipaddress, r.initiator) for r in w.volume(v).access])
+              for v in (a.volume, b.volume)}
+    xml = cloud.state(vmid, 4, "host1", "host2")
+    if legacy:
+        r = _legacy_tree(tmp_path)
+        args = ["host1", "host2", "/var/lib/one/datastores/0/%d" % vmid, str(vmid), "0", onexml.b64(xml)]
+        res = oneutil.run(r / "tm" / "shared" / "premigrate", args, env=w.env)
+    else:
+        res = w.tm("premigrate", *_migrate_args(vmid), stdin=onexml.b64(xml), ok=False)
+    assert res.rc != 0 and "Traceback" not in res.err, res
+    assert "host2" in res.err, res
+    assert not [v for v in w.logged_in("host2") if v in (a.volume, b.volume)]
+    assert w.link("host2", local(vmid, 0)) == "" and w.link("host2", local(vmid, 1)) == ""
+    after = {v: (w.volume(v).multihost, [(r.id, r.ipaddress, r.initiator) for r in w.volume(v).access])
+             for v in (a.volume, b.volume)}
+    assert after == before
+    for did, img in ((0, a), (1, b)):
+        assert w.read("host1", local(vmid, did), 65536) == img.data[:65536]
+    if legacy:
+        assert not os.path.exists(tmp_path / "orig.log")       # the original never ran
+    cloud.state(vmid, 3, "host1")
+    for did in (0, 1):
+        w.tm("delete", disk_path(vmid, did, "host1"), vmid, DSID)
+    cloud.done(vmid)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from oneiscsi.sim import onexml
-from tests.test_eqliscsi_tm import DSID, SYSDS, World, _ids, _migrate_args, disk_path, eql_disk, local, new_image
+from tests.test_eqliscsi_tm import DSID, SYSDS, World, _ids, _migrate_args, disk_path, local, new_image
 from tests.test_eqliscsi_tm import eql_host_key  # noqa: F401 (the session-wide simulator host key)
 
 pytestmark = pytest.mark.needs_root
@@ -29,9 +29,10 @@ def w(world, remotes):
 
 
 def test_delete_of_a_persistent_disk_never_deletes_even_when_told_non_persistent_elsewhere(w):
-    vol, _ = new_image(w)
+    img = new_image(w)
+    vol = img.volume
     vmid = next(_ids)
-    w.vm(vmid, [eql_disk(0, vol)])
+    w.vm(vmid, [(0, img, {"PERSISTENT": "NO"})])
     w.tm("ln", "fe:" + vol, disk_path(vmid, 0, "host1"), vmid, DSID)
     # recover --delete runs delete for every disk; the host went down meanwhile
     w.lab.hosts["host1"].down()
@@ -45,9 +46,10 @@ def test_delete_of_a_persistent_disk_never_deletes_even_when_told_non_persistent
 
 
 def test_clone_failure_on_the_host_deletes_the_clone_it_made(w):
-    vol, _ = new_image(w)
+    img = new_image(w, persistent=False)
+    vol = img.volume
     vmid = next(_ids)
-    w.vm(vmid, [eql_disk(0, vol, persistent=False)])
+    w.vm(vmid, [(0, img)])
     w.lab.hosts["host2"].down()
     try:
         res = w.tm("clone", "fe:" + vol, disk_path(vmid, 0, "host2"), vmid, DSID, ok=False)
@@ -58,10 +60,12 @@ def test_clone_failure_on_the_host_deletes_the_clone_it_made(w):
 
 
 def test_host_down_between_premigrate_and_postmigrate(w):
-    vol, data = new_image(w)
+    img = new_image(w)
+    vol, data = img.volume, img.data
     vmid = next(_ids)
-    xml = w.vm(vmid, [eql_disk(0, vol)], hosts=("host1",))
+    w.vm(vmid, [(0, img)], hosts=("host1",))
     w.tm("ln", "fe:" + vol, disk_path(vmid, 0, "host1"), vmid, DSID)
+    xml = w.cloud.state(vmid, 4, "host1", "host2")
     w.tm("premigrate", *_migrate_args(vmid), stdin=onexml.b64(xml))
     w.lab.hosts["host1"].down()
     try:
@@ -73,11 +77,11 @@ def test_host_down_between_premigrate_and_postmigrate(w):
         w.lab.hosts["host1"].up()
     # host1 came back still logged in: the next premigrate (back to host1) cleans up first
     assert vol in w.logged_in("host1")
-    w.vm(vmid, [eql_disk(0, vol)], hosts=("host1", "host2"))
-    w.tm("premigrate", "host2", "host1", "/var/lib/one/datastores/0/%d" % vmid, vmid, SYSDS, "shared",
+    w.cloud.state(vmid, 4, "host1", "host2", "host1")
+    w.tm("premigrate", "host2", "host1", "/var/lib/one/datastores/0/%d" % vmid, vmid, SYSDS, "ssh",
                stdin=onexml.b64(w.oned.vms[vmid]))
     assert w.logged_in("host1").count(vol) == 1
-    w.tm("failmigrate", "host2", "host1", "/var/lib/one/datastores/0/%d" % vmid, vmid, SYSDS, "shared",
+    w.tm("failmigrate", "host2", "host1", "/var/lib/one/datastores/0/%d" % vmid, vmid, SYSDS, "ssh",
          stdin=onexml.b64(w.oned.vms[vmid]))
     assert vol not in w.logged_in("host1") and vol in w.logged_in("host2")
     w.tm("delete", disk_path(vmid, 0, "host2"), vmid, DSID)

@@ -63,7 +63,7 @@ class Volume:
     """One target to attach on a host: portal, IQN, volume name, optional disk link and size."""
 
     def __init__(self, portal: str, iqn: str, volume: str, link: str | None = None,
-                 size_bytes: int | None = None):
+                 size_bytes: int | None = None, readonly: bool = False, logout: bool = True):
         host, port = validate.portal(str(portal or ""), "portal")
         self.portal = validate.format_portal(host, port)
         self.port = port
@@ -81,10 +81,12 @@ class Volume:
         if size_bytes is not None:
             size_bytes = validate.number(str(size_bytes), "volume size in bytes", 0, 2 ** 62)
         self.size_bytes = size_bytes
+        self.readonly = bool(readonly)   # attach: the block device is set read-only on the host
+        self.logout = bool(logout)       # detach: False = another VM on the host uses it, only the link goes
 
     def __repr__(self):
-        return "Volume(%r, %r, %r, link=%r, size_bytes=%r)" % (
-            self.portal, self.iqn, self.volume, self.link, self.size_bytes)
+        return "Volume(%r, %r, %r, link=%r, size_bytes=%r, readonly=%r, logout=%r)" % (
+            self.portal, self.iqn, self.volume, self.link, self.size_bytes, self.readonly, self.logout)
 
 
 class Chap:
@@ -253,8 +255,8 @@ undo() {
   return 0
 }
 
-attach_one() {  # VOL PORTAL BPHOST PORT IQN LINK SIZE
-  VOL=$1 PORTAL=$2 BPHOST=$3 PORT=$4 IQN=$5 LINK=$6 SIZE=$7
+attach_one() {  # VOL PORTAL BPHOST PORT IQN LINK SIZE RO
+  VOL=$1 PORTAL=$2 BPHOST=$3 PORT=$4 IQN=$5 LINK=$6 SIZE=$7 RO=$8
   created= loggedin= tries=0
   until node; do
     if [ $rc -eq 21 ] || [ $rc -eq 255 ]; then
@@ -296,6 +298,14 @@ attach_one() {  # VOL PORTAL BPHOST PORT IQN LINK SIZE
       fi
     fi
   fi
+  if [ -n "$RO" ]; then
+    d=$(readlink -f "$dev")
+    if [ -b "$d" ]; then
+      $SUDO blockdev --setro "$d" || { fail readonly $? "blockdev --setro $d failed"; undo; return; }
+    else
+      say "$d is not a block device (iscsiadm stand-in): not set read-only"
+    fi
+  fi
   if [ -n "$LINK" ]; then
     dir=${LINK%/*}
     if ! { mkdir -p "${dir:-/}" && ln -sfn "$dev" "$LINK"; }; then
@@ -305,14 +315,55 @@ attach_one() {  # VOL PORTAL BPHOST PORT IQN LINK SIZE
   result OK "$dev"
 }
 
-detach_one() {  # VOL PORTAL BPHOST PORT IQN LINK
-  VOL=$1 PORTAL=$2 BPHOST=$3 PORT=$4 IQN=$5 LINK=$6
+# the devices of the target (resolved), space-separated
+target_devs() {
   devs=
   for f in /dev/disk/by-path/*ip-$BPHOST:$PORT-iscsi-$IQN-lun-* ${VOL:+"$BASE/$VOL"}; do
     [ -e "$f" ] || continue
     d=$(readlink -f "$f") || continue
     case " $devs " in *" $d "*) continue ;; esac
     devs="$devs $d"
+  done
+}
+
+# holder: what keeps one of $devs open (a device-mapper holder, or a process this user can
+# see: qemu runs as oneadmin on OpenNebula KVM hosts); empty when nothing does
+holder() {
+  for d in $devs; do
+    for h in /sys/block/${d##*/}/holders/*; do
+      [ -e "$h" ] && { echo "${d##*/} is held by ${h##*/}"; return; }
+    done
+    fd=$(find /proc/[0-9]*/fd -maxdepth 1 -lname "$d" 2>/dev/null | head -n 1)
+    if [ -n "$fd" ]; then
+      p=${fd#/proc/}; p=${p%%/*}
+      echo "$d is open by pid $p ($(cat /proc/$p/comm 2>/dev/null))"; return
+    fi
+  done
+}
+
+# remove LINK when it points to this volume
+unlink_mine() {
+  if [ -n "$LINK" ] && [ -L "$LINK" ]; then
+    t=$(readlink "$LINK") mine=
+    case " $devs " in *" $t "*) mine=1 ;; esac
+    case $t in /dev/disk/by-path/*ip-$BPHOST:$PORT-iscsi-$IQN-lun-*|"$BASE/$VOL") mine=1 ;; esac
+    if [ -n "$mine" ]; then rm -f "$LINK"; else say "$LINK points to $t, not to this volume: left alone"; fi
+  fi
+}
+
+unlink_one() {  # VOL PORTAL BPHOST PORT IQN LINK: another VM on this host uses the volume
+  VOL=$1 PORTAL=$2 BPHOST=$3 PORT=$4 IQN=$5 LINK=$6
+  target_devs
+  unlink_mine
+  result OK
+}
+
+detach_one() {  # VOL PORTAL BPHOST PORT IQN LINK
+  VOL=$1 PORTAL=$2 BPHOST=$3 PORT=$4 IQN=$5 LINK=$6
+  target_devs
+  h=$(holder)
+  if [ -n "$h" ]; then fail in-use 1 "$h"; return; fi
+  for d in $devs; do
     if [ -b "$d" ]; then
       $SUDO blockdev --flushbufs "$d" >&2 || say "flushing $d failed"
     fi
@@ -328,12 +379,7 @@ detach_one() {  # VOL PORTAL BPHOST PORT IQN LINK
     if [ $rc -ne 6 ] && [ $rc -ne 15 ] || [ $tries -ge 5 ]; then fail node-delete $rc "$last"; return; fi
     tries=$((tries + 1)); sleep 1
   done
-  if [ -n "$LINK" ] && [ -L "$LINK" ]; then
-    t=$(readlink "$LINK") mine=
-    case " $devs " in *" $t "*) mine=1 ;; esac
-    case $t in /dev/disk/by-path/*ip-$BPHOST:$PORT-iscsi-$IQN-lun-*|"$BASE/$VOL") mine=1 ;; esac
-    if [ -n "$mine" ]; then rm -f "$LINK"; else say "$LINK points to $t, not to this volume: left alone"; fi
-  fi
+  unlink_mine
   result OK
 }
 
@@ -439,6 +485,9 @@ _REASONS = {
              "retry; look for a hung iscsiadm on the host"),
     "preflight": ("the host is not ready", "install what is missing"),
     "logout": ("logout failed", "stop what still uses the disk on the host (a running VM?)"),
+    "in-use": ("the disk is still in use on the host: nothing logged out",
+               "stop what uses it (a running VM, an LVM scan), or check that no other VM needs it"),
+    "readonly": ("the disk could not be set read-only", "check the sudoers line for blockdev (see README)"),
     "node-delete": ("iscsiadm could not delete the node record", "check open-iscsi on the host"),
     "rescan": ("rescan failed", "attach the volume on this host first"),
     "session": ("iscsiadm -m session failed", "check open-iscsi on the host"),
@@ -478,7 +527,7 @@ def _reason(step, rc, text) -> tuple:
     if step == "login" and rc in _LOGIN:
         reason, fix = _LOGIN[rc]
     detail = log.mask(text.strip())
-    if step in ("device", "size", "link", "lock", "preflight", "internal"):
+    if step in ("device", "size", "link", "lock", "preflight", "internal", "in-use", "readonly"):
         return "%s (%s)" % (reason, detail) if detail else reason, fix
     return "%s (iscsiadm exit %d%s)" % (reason, rc, ": " + detail if detail else ""), fix
 
@@ -527,7 +576,8 @@ def attach(host: str, vols: list, chap: Chap | None = None, iface: str | None = 
     if chap is not None and not isinstance(chap, Chap):
         raise TypeError("chap must be a Chap")
     calls = [(v.volume, lock_file(v.iqn), "attach_one",
-              _vol_args(v) + [v.link or "", "" if v.size_bytes is None else str(v.size_bytes)])
+              _vol_args(v) + [v.link or "", "" if v.size_bytes is None else str(v.size_bytes),
+                              "1" if v.readonly else ""])
              for v in vols]
     script = _script(_settings(iface, base, wait, chap), "snapshot_sessions\n" + _parallel(calls))
     ok = _run(host, script, [v.volume for v in vols], "iSCSI attach", 4 * wait + 180)
@@ -540,9 +590,12 @@ def attach(host: str, vols: list, chap: Chap | None = None, iface: str | None = 
 def detach(host: str, vols: list, iface: str | None = None, missing_ok_host: bool = False,
            base_device: str = "/dev/eql") -> None:
     """Flush, delete the SCSI disk, logout, node delete, remove the link; each step tolerates
-    "already gone". With missing_ok_host an unreachable host is a warning only."""
+    "already gone". A disk still open on the host (a holder, a process) is not logged out: the
+    detach fails naming it. A Volume with logout=False only loses its link (another VM on the
+    host uses the volume). With missing_ok_host an unreachable host is a warning only."""
     vols, iface, base, _ = _check(vols, iface, base_device, 30)
-    calls = [(v.volume, lock_file(v.iqn), "detach_one", _vol_args(v) + [v.link or ""]) for v in vols]
+    calls = [(v.volume, lock_file(v.iqn), "detach_one" if v.logout else "unlink_one", _vol_args(v) + [v.link or ""])
+             for v in vols]
     script = _script(_settings(iface, base), _parallel(calls))
     _run(host, script, [v.volume for v in vols], "iSCSI detach", 600, missing_ok_host)
 

@@ -125,6 +125,20 @@ class One:
         cls = {"vm": xml.VM, "image": xml.Image, "datastore": xml.Datastore}[kind]
         return [cls(el) for el in xml.parse(reply[1]).findall(kind.upper())]
 
+    def host_names(self) -> list:
+        """Names of every host in oned's host pool (one.hostpool.info, XML-RPC only)."""
+        from oneiscsi.one import xml
+        url = _endpoint()
+        proxy = xmlrpc.client.ServerProxy(url, transport=_Transport() if url.startswith("http:") else None)
+        try:
+            reply = proxy.one.hostpool.info(_session())
+        except (OSError, socket.timeout, xmlrpc.client.Error) as e:
+            raise Failure("oned XML-RPC at %s: %s" % (url, e)) from None
+        if not reply or not reply[0]:
+            raise Failure("oned refused one.hostpool.info: %s" % (reply[1] if reply else "no answer"))
+        return [(h.findtext("NAME") or "").strip() for h in xml.parse(reply[1]).findall("HOST")
+                if (h.findtext("NAME") or "").strip()]
+
     def vm(self, vmid):
         from oneiscsi.one import xml
         return xml.vm(self.get("vm", vmid))

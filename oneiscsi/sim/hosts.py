@@ -273,7 +273,12 @@ class Host:
 class Lab:
     """A bridge, an optional SAN netns and N sshd hosts. Use as a context manager."""
 
-    def __init__(self, workdir: str, hosts=("host1", "host2"), san=True, libvirtd=False, standin=True):
+    def __init__(self, workdir: str, hosts=("host1", "host2"), san=True, libvirtd=False, standin=True,
+                 shared_datastores=False):
+        """shared_datastores: every host sees ONE /var/lib/one/datastores folder, as the hosts of
+        a `shared` system datastore do over NFS (opennebula-semantics.md section 2); else each
+        host has its own, as with `ssh`."""
+        self.shared_datastores = shared_datastores
         self.workdir = os.path.abspath(workdir)
         self.host_names = list(hosts)
         self.want_san, self.libvirtd, self.standin = san, libvirtd, standin
@@ -353,9 +358,15 @@ class Lab:
         uid, gid = self.oneadmin.pw_uid, self.oneadmin.pw_gid
         if os.path.exists(host.root):
             shutil.rmtree(host.root)
-        for d in ("datastores", "etc-iscsi", "run/sshd", "run/lock", "run/iscsi-standin",
-                  "run/oneiscsi-lab", "ssh"):
+        for d in ("etc-iscsi", "run/sshd", "run/lock", "run/iscsi-standin", "run/oneiscsi-lab", "ssh"):
             os.makedirs(os.path.join(host.root, d))
+        if self.shared_datastores:      # the init script's bind mount follows the link: one folder
+            shared = os.path.join(self.workdir, "shared-datastores")
+            os.makedirs(shared, exist_ok=True)
+            os.chown(shared, uid, gid)
+            os.symlink(shared, os.path.join(host.root, "datastores"))
+        else:
+            os.makedirs(os.path.join(host.root, "datastores"))
         os.chmod(host.root, 0o755)
         os.chmod(os.path.join(host.root, "run"), 0o755)
         os.chmod(os.path.join(host.root, "run/lock"), 0o1777)

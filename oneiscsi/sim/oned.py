@@ -31,6 +31,7 @@ import socketserver
 import tempfile
 import threading
 import time
+from xml.sax.saxutils import escape
 from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
 
 AUTHENTICATION, NO_EXISTS = 0x0100, 0x0400
@@ -87,6 +88,7 @@ class FakeOned:
         self.state_file = state_file or os.path.join(self._own_dir, "oned.json")
         self.calls = []
         self.delay = 0.0                 # seconds added to every call (slow oned)
+        self.hosts = []                  # host names served by one.hostpool.info
         self._lock = threading.Lock()
         self._server = self._thread = None
         self._vms = _Store(self._save)
@@ -126,6 +128,7 @@ class FakeOned:
         self._server.register_function(self._pool_method("vm", "one.vmpool.infoextended"),
                                        "one.vmpool.infoextended")
         self._server.register_function(self._version, "one.system.version")
+        self._server.register_function(self._hostpool, "one.hostpool.info")
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
         self._thread.start()
@@ -201,6 +204,14 @@ class FakeOned:
             tag = kind.upper() + "_POOL"
             return [True, "<%s>%s</%s>" % (tag, "".join(store[k] for k in sorted(store, key=str)), tag), 0]
         return info
+
+    def _hostpool(self, session, *filters):
+        self._record("one.hostpool.info", filters)
+        if session != self.session:
+            return [False, "[one.hostpool.info] User couldn't be authenticated, aborting call.", AUTHENTICATION]
+        body = "".join("<HOST><ID>%d</ID><NAME>%s</NAME><STATE>2</STATE><IM_MAD>kvm</IM_MAD><VM_MAD>kvm</VM_MAD>"
+                       "</HOST>" % (i, escape(n)) for i, n in enumerate(self.hosts))
+        return [True, "<HOST_POOL>%s</HOST_POOL>" % body, 0]
 
     def _version(self, session):
         self._record("one.system.version", ())

@@ -21,7 +21,7 @@ def _template(attrs: dict) -> str:
 
 def image_xml(iid=0, name="img", path="", source="", persistent=True, size_mb=0, ds_id=100,
               ds_name="iscsi", template=None, version=(6, 8), fmt="raw", image_type=0,
-              target_snapshot=None, snapshots="") -> str:
+              target_snapshot=None, snapshots="", vms=()) -> str:
     parts = [_el("ID", iid), _el("UID", 0), _el("GID", 0), _el("UNAME", "oneadmin"), _el("GNAME", "oneadmin"),
              _el("NAME", name),
              "<PERMISSIONS><OWNER_U>1</OWNER_U><OWNER_M>1</OWNER_M><OWNER_A>0</OWNER_A></PERMISSIONS>",
@@ -31,11 +31,12 @@ def image_xml(iid=0, name="img", path="", source="", persistent=True, size_mb=0,
         parts += [_el("FORMAT", fmt), _el("FS", "")]
     else:
         parts += [_el("FSTYPE", "")]
-    parts += [_el("SIZE", size_mb), _el("STATE", 1), _el("RUNNING_VMS", 0),
+    parts += [_el("SIZE", size_mb), _el("STATE", 2 if vms else 1), _el("RUNNING_VMS", len(vms)),
               _el("CLONING_OPS", 0), _el("CLONING_ID", -1)]
     if target_snapshot is not None:
         parts.append(_el("TARGET_SNAPSHOT", target_snapshot))
-    parts += [_el("DATASTORE_ID", ds_id), _el("DATASTORE", ds_name), "<VMS/>", "<CLONES/>", "<APP_CLONES/>",
+    parts += [_el("DATASTORE_ID", ds_id), _el("DATASTORE", ds_name),
+              "<VMS>%s</VMS>" % "".join(_el("ID", v) for v in vms), "<CLONES/>", "<APP_CLONES/>",
               _template(template or {}), "<SNAPSHOTS>%s</SNAPSHOTS>" % snapshots]
     return "<IMAGE>%s</IMAGE>" % "".join(parts)
 

@@ -35,11 +35,30 @@ def volume_name(image_name: str, image_id) -> str:
     return cli.volume(base + suffix)
 
 
-def clone_name(volume: str, vmid) -> str:
-    """The per-VM clone of a non-persistent image: `<volume>-<vmid>`."""
+def clone_name(volume: str, vmid, disk_id=None) -> str:
+    """The per-VM clone of a CLONE=YES disk: `<volume>-<vmid>`, or `<volume>-<vmid>-<disk id>`
+    (the name a second DISK of the same image in one VM gets)."""
     vid = validate.number(str(vmid), "VM ID", 0, 10 ** 10)
     suffix = "-%d" % vid
+    if disk_id is not None:
+        suffix += "-%d" % validate.number(str(disk_id), "DISK_ID", 0, 10 ** 6)
     return cli.volume(cli.volume(volume)[: MAX_NAME - len(suffix)] + suffix)
+
+
+def field(info: dict, name: str) -> str:
+    """A field of `volume select X show` read as a person reads it: case, spaces and hyphens
+    ignored (`Multihost-access:` and `MultiHostAccess:` are one field)."""
+    want = re.sub(r"[\s_-]+", "", name).lower()
+    for k, v in (info or {}).items():
+        if re.sub(r"[\s_-]+", "", k).lower() == want:
+            return v or ""
+    return ""
+
+
+def connections(info: dict) -> int:
+    """The group's count of iSCSI connections to a volume (`Connections: N`)."""
+    m = re.match(r"\d+", field(info, "connections") or "0")
+    return int(m.group(0)) if m else 0
 
 
 def snapshot_name(snap_id) -> str:
@@ -91,13 +110,6 @@ def volume_lock(group_address: str, volume: str, wait: float):
 # ---- what the TM actions share: the volume of a VM disk, its settings, host access ------
 MiB = 1024 * 1024
 HOST_ACCESS_MODES = ("none", "ipaddress", "initiator")
-
-
-def disk_volume(disk, vmid) -> str:
-    """The volume behind a VM DISK: the image's own volume for a persistent disk, the per-VM
-    clone `<volume>-<vmid>` otherwise (non-persistent disks have no PERSISTENT element)."""
-    source = parse_source(disk["SOURCE"], "SOURCE of disk %s" % (disk.disk_id or "?"))
-    return source if disk.persistent else clone_name(source, vmid)
 
 
 class _DiskAsImage:

@@ -1,0 +1,60 @@
+"""Initiator names of hosts (EQL_HOST_ACCESS=initiator), cached on the frontend for speed.
+
+The cache is only a cache: losing it (another frontend of an HA zone, a wiped folder) costs one
+ssh round trip to the host, never a different decision. It lives in ONEISCSI_STATE_DIR
+(default ~oneadmin/.cache/oneiscsi)/initiators, one file per host.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from oneiscsi import locks, log
+from oneiscsi.errors import Failure
+
+
+def _dir() -> str:
+    d = os.environ.get("ONEISCSI_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "oneiscsi")
+    path = os.path.join(d, "initiators")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def _path(host: str) -> str:
+    return os.path.join(_dir(), locks.file_name(host))
+
+
+def cached(host: str) -> str:
+    try:
+        with open(_path(host), encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _store(host: str, name: str) -> None:
+    try:
+        tmp = "%s.%d.tmp" % (_path(host), os.getpid())
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(name + "\n")
+        os.replace(tmp, _path(host))
+    except OSError as e:
+        log.warn("cannot cache the initiator name of %s: %s" % (host, e))
+
+
+def learn(host: str) -> str:
+    """Read the host's InitiatorName over ssh (one round trip) and cache it."""
+    from oneiscsi import host as hostrun
+    from oneiscsi.san import cli
+    res = hostrun.run(host, "cat /etc/iscsi/initiatorname.iscsi\n", timeout=60, what="initiator name")
+    m = re.search(r"^\s*InitiatorName\s*=\s*(\S+)\s*$", res.stdout or "", re.M)
+    if res.returncode != 0 or not m:
+        raise Failure("EQL_HOST_ACCESS=initiator: cannot read /etc/iscsi/initiatorname.iscsi on host %s (%s)"
+                      % (host, hostrun.last_line(res.stderr) or "exit %d" % res.returncode))
+    name = cli.initiator(m.group(1), "InitiatorName of host %s" % host)
+    _store(host, name)
+    return name
+
+
+def of(host: str) -> str:
+    return cached(host) or learn(host)
