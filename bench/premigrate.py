@@ -29,19 +29,17 @@ sys.path.insert(0, str(TOP))
 
 from oneiscsi.sim import onexml  # noqa: E402
 from tests import oneutil  # noqa: E402
-from tests.test_eqliscsi_tm import World, eql_disk  # noqa: E402
+from tests.test_eqliscsi_tm import World  # noqa: E402
 
 
 def run(w, n, runs, vmid):
     vols = ["bench%d-%d.%d" % (n, i, 9000 + i) for i in range(n)]
-    for v in vols:
-        if v not in w.sim.group.volumes:
-            w.sim.group.create_volume(v, "4MB", unrestricted=True)
-    xml = w.vm(vmid, [eql_disk(i, v) for i, v in enumerate(vols)], hosts=("host1",))
-    b64 = onexml.b64(xml)
-    here = ["host2", "host1", "/var/lib/one/datastores/0/%d" % vmid, vmid, 0, "shared"]
-    move = ["host1", "host2", "/var/lib/one/datastores/0/%d" % vmid, vmid, 0, "shared"]
-    w.tm("premigrate", *here, stdin=b64)               # the VM runs on host1
+    imgs = [w.image_on_group(9000 + i, v) for i, v in enumerate(vols)]
+    b64 = onexml.b64(w.vm(vmid, list(enumerate(imgs)), hosts=("host2", "host1"), lcm_state=4))
+    w.tm("premigrate", *["host2", "host1", "/var/lib/one/datastores/0/%d" % vmid, vmid, 0, "ssh"], stdin=b64)
+    b64 = onexml.b64(w.vm(vmid, list(enumerate(imgs)), hosts=("host1", "host2"), lcm_state=4))
+    here = ["host2", "host1", "/var/lib/one/datastores/0/%d" % vmid, vmid, 0, "ssh"]
+    move = ["host1", "host2", "/var/lib/one/datastores/0/%d" % vmid, vmid, 0, "ssh"]
     times, sessions, ssh = [], [], []
     for _ in range(runs):
         w.reset_ssh()
@@ -54,6 +52,7 @@ def run(w, n, runs, vmid):
         assert sum(1 for v in w.logged_in("host2") if v in vols) == n
         w.tm("failmigrate", *move, stdin=b64)
     w.tm("failmigrate", *here, stdin=b64)                # off host1 again
+    w.cloud.done(vmid)
     return statistics.median(times), max(sessions), max(ssh)
 
 

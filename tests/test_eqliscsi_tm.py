@@ -175,6 +175,14 @@ class World:
         img.data = data
         return self.cloud.image(img)
 
+    def image_on_group(self, iid, volume, size="4MB", persistent=True, ptype=""):
+        """An image whose volume is made directly on the simulated group (benchmarks: no cp)."""
+        from oneiscsi.sim.onemodel import Img
+        if volume not in self.sim.group.volumes:
+            self.sim.group.create_volume(volume, size, unrestricted=True,
+                                         description="OpenNebula image %d: bench" % iid)
+        return self.cloud.image(Img(iid, volume, volume, persistent=persistent, ptype=ptype, ds_id=DSID))
+
     def vm(self, vmid, disks, hosts=("host1",), lcm_state=3, state=3, others=()):
         """disks: (disk_id, Img[, what the VM owner wrote]) -> the VM XML oned keeps."""
         return self.cloud.vm(vmid, disks, hosts=hosts, lcm_state=lcm_state, state=state, others=others)
@@ -786,3 +794,104 @@ def test_premigrate_failing_partway_leaves_host_and_san_as_before(w, tmp_path, s
     for did in (0, 1):
         w.tm("delete", disk_path(vmid, did, "host1"), vmid, DSID)
     cloud.done(vmid)
+
+
+# ---- HA: any frontend can act (the state folder is a cache; locks that matter are on hosts) -------
+def test_cache_wiped_between_every_step_ends_in_the_same_state(w):
+    """EQL_HOST_ACCESS=initiator (the one thing cached: host initiator names). One VM's life
+    with the state folder kept, another's with it wiped before every step: the same sessions
+    and access records after every step."""
+    import shutil
+    w.datastore(EQL_HOST_ACCESS="initiator")
+    names = {h.initiator: n for n, h in w.lab.hosts.items()}
+
+    def state(vol):
+        recs = sorted(names.get(a.initiator, a.initiator) for a in w.volume(vol).access if a.initiator)
+        return ([h for h in ("host1", "host2") if vol in w.logged_in(h)], recs, w.volume(vol).multihost)
+
+    def life(wipe):
+        img = new_image(w)
+        vmid = next(_ids)
+        seen = []
+
+        def step(fn):
+            if wipe:
+                shutil.rmtree(w.env["ONEISCSI_STATE_DIR"], ignore_errors=True)
+            fn()
+            seen.append(state(img.volume))
+        w.vm(vmid, [(0, img)], hosts=("host1",), lcm_state=1)
+        step(lambda: w.deploy(vmid, "host1"))
+        b64 = onexml.b64(w.cloud.state(vmid, 4, "host1", "host2"))
+        step(lambda: w.tm("premigrate", *_migrate_args(vmid), stdin=b64))
+        step(lambda: w.tm("postmigrate", *_migrate_args(vmid), stdin=b64))
+        w.cloud.state(vmid, 3, "host1", "host2")
+        step(lambda: w.terminate(vmid, "host2"))
+        return seen
+    try:
+        kept, wiped = life(False), life(True)
+    finally:
+        w.datastore()
+    assert kept == wiped, (kept, wiped)
+    assert kept[1] == (["host1", "host2"], ["host1", "host2"], True) and kept[-1] == ([], [], False)
+
+
+def _at_once(*calls):
+    out = [None] * len(calls)
+
+    def go(i, fn):
+        out[i] = fn()
+    threads = [threading.Thread(target=go, args=(i, fn)) for i, fn in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_two_frontends_at_once_never_cut_a_shared_volume(w):
+    """A leader change: the old leader still terminates VM X while the new one deploys VM Y on
+    the same host from the same IMMUTABLE image, with no frontend lock in common. Oned already
+    shows Y on the host and the host's per-target lock orders the two host steps: Y's disk stays."""
+    gold = new_image(w, ptype="IMMUTABLE")
+    ea, eb = _env(w, "old-leader"), _env(w, "new-leader")
+    for _ in range(3):
+        x, y = next(_ids), next(_ids)
+        w.vm(x, [(0, gold)], hosts=("host1",), lcm_state=1)
+        w.deploy(x, "host1")
+        w.cloud.state(x, 11)                                          # X: EPILOG
+        w.vm(y, [(0, gold)], hosts=("host1",), lcm_state=1)           # Y: PROLOG on host1
+        gone, made = _at_once(
+            lambda: oneutil.run(w.remotes / "tm" / "eqliscsi" / "delete", [disk_path(x, 0, "host1"), x, DSID],
+                                env=ea, timeout=300),
+            lambda: oneutil.run(w.remotes / "tm" / "eqliscsi" / "ln", ["fe:" + gold.volume, disk_path(y, 0, "host1"),
+                                                                       y, DSID], env=eb, timeout=300))
+        assert gone.rc == 0 and made.rc == 0, (gone, made)
+        w.cloud.done(x)
+        assert w.logged_in("host1").count(gold.volume) == 1
+        assert w.read("host1", local(y, 0), 65536) == gold.data[:65536]
+        w.cloud.state(y, 3)
+        w.terminate(y, "host1")
+    assert gold.volume not in w.logged_in("host1")
+
+
+def test_two_frontends_clone_and_delete_the_same_disk_at_once(w):
+    """The old leader's clone (or delete) still runs when the new leader runs it again: one clone,
+    one session, both succeed; then both deletes succeed and only the clone is gone."""
+    img = new_image(w, persistent=False)
+    vmid = next(_ids)
+    w.vm(vmid, [(0, img)], hosts=("host1",), lcm_state=1)
+    args = ["fe:" + img.volume, disk_path(vmid, 0, "host1"), vmid, DSID]
+    runs = _at_once(*[lambda e=e: oneutil.run(w.remotes / "tm" / "eqliscsi" / "clone", args, env=e, timeout=300)
+                      for e in (_env(w, "fa"), _env(w, "fb"))])
+    assert all(r.rc == 0 for r in runs), runs
+    clones = [n for n in w.sim.group.volumes if n.startswith(img.volume + "-")]
+    assert clones == [w.clone_of(img, vmid)] and w.logged_in("host1").count(clones[0]) == 1
+    assert w.read("host1", local(vmid, 0), 65536) == img.data[:65536]
+    w.cloud.state(vmid, 11)
+    runs = _at_once(*[lambda e=e: oneutil.run(w.remotes / "tm" / "eqliscsi" / "delete",
+                                              [disk_path(vmid, 0, "host1"), vmid, DSID], env=e, timeout=300)
+                      for e in (_env(w, "fa"), _env(w, "fb"))])
+    assert all(r.rc == 0 for r in runs), runs
+    assert w.volume(clones[0]) is None and w.volume(img.volume) is not None
+    assert clones[0] not in w.logged_in("host1")
+    w.cloud.done(vmid)

@@ -48,8 +48,9 @@ def needed(vms) -> dict:
                 continue
             try:
                 src = common.parse_source(d["SOURCE"], "SOURCE")
-                names = [src]
-                if d["CLONE"].upper() != "NO":   # YES, or unknown: both readings are needed
+                clone = d["CLONE"].upper()
+                names = [src] if clone != "YES" else []
+                if clone != "NO":   # YES, or unknown (not written by oned): both readings are needed
                     names += [common.clone_name(src, vm.id), common.clone_name(src, vm.id, d.disk_id)]
             except Invalid:
                 continue

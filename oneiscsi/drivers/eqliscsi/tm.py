@@ -222,6 +222,11 @@ def make_clone(s, t: Target, undo) -> None:
         if not (e.unsure and resolve(s, t, must=False)):
             raise
         log.info("the connection broke during the clone, which the group did")
+    except client.CliError:
+        if not resolve(s, t, must=False):      # another frontend made it meanwhile (HA)
+            raise
+        log.info("clone %s was made meanwhile by another action: reused" % t.volume)
+        return
     undo.san(t, "delete clone %s" % t.volume, lambda s, t=t: delete_clone(s, t))
     log.info("cloned %s to %s" % (t.source, t.volume))
     s.set_multihost(t.volume, t.cfg.multihost)
@@ -673,8 +678,9 @@ def tm_delete(call):
         log.warn("cannot tell the volume of %s (%s): nothing deleted" % (path, e))
         return
     gone = []
-    release(host, [t], after=lambda sessions: gone.append(delete_clone(sessions[t.group.address], t)) if t.clone else None)
-    if t.clone and gone == [False]:
+    release(host, [t], after=(lambda sessions: gone.append(delete_clone(sessions[t.group.address], t)))
+            if t.clone else None)
+    if gone == [False]:
         _delete_busy_clone(host, t)
 
 
