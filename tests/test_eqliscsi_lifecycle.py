@@ -219,3 +219,27 @@ def test_lifecycle_with_the_real_kernel_host(real_world, remotes):
     w.datastore(EQL_HOST_ACCESS="ipaddress")
     addr = {h: w.hosts[h].addr for h in ("host1", "kvm1")}
     lifecycle(w, "kvm1", "host1", vmid=60, addr=addr)
+
+
+@pytest.mark.realhost
+def test_immutable_disk_is_read_only_on_the_real_host(real_world, remotes):
+    """READONLY disks (IMMUTABLE and CDROM images) are set read-only on the host's block device
+    (`blockdev --setro` through the sudoers line); two VMs on the host share one session, which
+    goes with the last of them."""
+    w = real_world
+    w.remotes = remotes
+    w.datastore(EQL_HOST_ACCESS="ipaddress")
+    addr = w.hosts["kvm1"].addr
+    gold = w.register(70, "Golden", size=4 * MiB, seed=70, ptype="IMMUTABLE")
+    for vmid in (71, 72):
+        w.vm(vmid, [(0, gold)], hosts=(addr,), lcm_state=PROLOG)
+        w.deploy(vmid, addr)
+        w.cloud.state(vmid, RUNNING)
+    dev = w.hosts["kvm1"].run(["readlink", "-f", local(71, 0)]).stdout.strip()
+    assert dev.startswith("/dev/sd")
+    assert w.hosts["kvm1"].run(["blockdev", "--getro", dev]).stdout.strip() == "1"
+    assert w.read("kvm1", local(72, 0), 65536) == gold.data[:65536]
+    w.terminate(71, addr)
+    assert w.logged_in("kvm1").count(gold.volume) == 1 and w.read("kvm1", local(72, 0), 65536) == gold.data[:65536]
+    w.terminate(72, addr)
+    assert gold.volume not in w.logged_in("kvm1") and w.volume(gold.volume) is not None

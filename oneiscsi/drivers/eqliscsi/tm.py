@@ -428,6 +428,8 @@ def bring(host: str, targets: list, keep, clone=False, multihost=False, shared_d
         return {}
     devices = {}
     undo = Undo()
+    for t in targets:
+        t.record = host_record(t, host)     # may read the host's initiator name: before any CLI slot
     with locked(targets):
         try:
             with san(targets) as sessions:
@@ -443,7 +445,6 @@ def bring(host: str, targets: list, keep, clone=False, multihost=False, shared_d
                         if want:
                             undo.san(t, "multihost of %s" % t.volume,
                                      lambda s, t=t: s.set_multihost(t.volume, False))
-                    t.record = host_record(t, host)
                     add_host_record(s, t, t.record, undo)
             per_host = {}
             for t in targets:
@@ -505,14 +506,16 @@ def release(host: str, targets: list, best_effort=False, stay_host="", after=Non
         todo = [t for t in targets if t.iqn and not t.other]
         if after is None and not any(t.mode != "none" or t.multihost != t.cfg.multihost for t in todo):
             return
+        for t in todo:
+            try:
+                t.record = host_record(t, host)     # may read the host's initiator name: before any CLI slot
+            except Failure as e:
+                t.record = None
+                log.warn("the access record of host %s on %s stays: %s" % (host, t.volume, e))
         with san(targets) as sessions:
             for t in todo:
                 s = sessions[t.group.address]
-                if t.mode != "none":
-                    try:
-                        remove_host_record(s, t, host_record(t, host))
-                    except Failure as e:
-                        log.warn("the access record of host %s on %s stays: %s" % (host, t.volume, e))
+                remove_host_record(s, t, t.record)
                 left = t.users.hosts(enough=2) | ({stay_host} if stay_host else set())
                 if len(left) <= 1 and t.multihost != t.cfg.multihost:
                     s.set_multihost(t.volume, t.cfg.multihost)
@@ -603,7 +606,7 @@ def tm_mvds(call):
             _copy_volume(s, t, new, None, "OpenNebula image saved from VM %d disk %s" % (vmid, t.did))
         if t.clone:
             delete_clone(s, t)
-    release(host, [t], after=after)
+    release(host, [t], after=after if new or t.clone else None)
 
 
 def _copy_volume(s, t: Target, new: str, snap, description: str) -> None:
