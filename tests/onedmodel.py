@@ -225,6 +225,22 @@ ERROR_PREFIX = {
 }
 
 
+# Per DS action, in one place (details and source lines: `image_reply`):
+# stdout oned reads on success -> what it stores; on failure the error text (`error_text`)
+# goes after the prefix in ERROR_PREFIX (rm: a fixed text from 6.0).
+DS_REPLIES = {
+    "cp": "4.x/5.x: SOURCE (first word). 6.0.0+: SOURCE FORMAT, both required -> SOURCE, FORMAT",
+    "clone": "4.x/5.x: SOURCE (first word). 6.0.0-6.4.1: the whole line -> SOURCE. "
+             "6.4.2+: SOURCE [FORMAT] -> SOURCE, FORMAT if given",
+    "mkfs": "4.x/5.x: SOURCE (first word). 6.0.0+: the whole line -> SOURCE (save_as: FORMAT from the VM disk)",
+    "stat": "an integer, MB -> SIZE (4.x/5.x the first word, 6.0.0+ the whole line)",
+    "monitor": "KEY=VALUE lines, base64-encoded by one_datastore.rb -> USED_MB, TOTAL_MB, FREE_MB",
+    "rm": "stdout ignored",
+    "snap_delete": "stdout ignored", "snap_revert": "stdout ignored", "snap_flatten": "stdout ignored",
+    "export": "an <IMPORT_INFO> document (marketplace, src/market_mad/one_market.rb `import`)",
+}
+
+
 @dataclass
 class Outcome:
     """What oned keeps of one action: the image attributes it sets, its error message,
@@ -386,6 +402,37 @@ def transfer_reply(version, payload: str, result: str) -> Outcome:
     if not o.ok:
         o.error = _error("Error executing image transfer script", payload)
     return o
+
+
+# The argument list of each TM action, as oned writes it into the transfer script
+# (src/tm/TransferManager.cc at release-6.10.5; `.<tm_mad_system>` is appended to the
+# action name when the disk has TM_MAD_SYSTEM, 5.8+). stdout of every one of them is
+# discarded (OTM `action_transfer`); only the exit code and the error text count.
+TM_CALLS = {
+    # `prolog_transfer_command`: a SOURCE without ':' gets `<frontend>:` in front
+    "ln": "fe:SOURCE host:SYSTEM_DIR/disk.ID VMID DSID",
+    "clone": "fe:SOURCE host:SYSTEM_DIR/disk.ID VMID DSID",
+    "mkswap": "SIZE host:SYSTEM_DIR/disk.ID VMID DSID",
+    "mkimage": "SIZE FORMAT host:SYSTEM_DIR/disk.ID VMID DSID",
+    "context": "CONTEXT_FILE [FILES...] host:SYSTEM_DIR/disk.ID VMID DSID",   # `prolog_context_command`
+    # `trigger_prolog_migr`, `trigger_prolog_resume`, `trigger_epilog_stop`: per disk, then the VM dir
+    "mv": "src_host:DIR[/disk.ID] dst_host:DIR[/disk.ID] VMID DSID",
+    "mvds": "host:SYSTEM_DIR/disk.ID SOURCE VMID DSID",                  # `epilog_transfer_command`
+    "delete": "host:SYSTEM_DIR[/disk.ID] VMID DSID",                     # `epilog_*`, `epilog_delete_commands`
+    "cpds": "host:SYSTEM_DIR/disk.ID SOURCE SNAP_ID VMID DSID",          # `trigger_saveas_hot`
+    "resize": "host:SYSTEM_DIR/disk.ID SIZE VMID DSID",                  # `resize_command`
+    "snap_create": "host:SYSTEM_DIR/disk.ID SNAP_ID VMID DSID",          # `snapshot_transfer_command`
+    "snap_delete": "host:SYSTEM_DIR/disk.ID SNAP_ID VMID DSID",
+    "snap_revert": "host:SYSTEM_DIR/disk.ID SNAP_ID VMID DSID",
+    # `migrate_transfer_command` writes `MIGRATE tm_mad SRC DST SYSTEM_DIR VMID DSID`; the VMM
+    # driver (src/vmm_mad/exec/one_vmm_exec.rb `migrate`) runs pre/post/failmigrate through
+    # the TM driver's `do_transfer_action` (same error rules), the VM template on stdin
+    # from 5.10 (argv 6 before); src/tm_mad/tm_common.sh `migrate_other` adds the system
+    # TM's name as a 6th argument when it calls another TM_MAD's script.
+    "premigrate": "SRC DST SYSTEM_DIR VMID DSID [SYSTEM_TM]",
+    "postmigrate": "SRC DST SYSTEM_DIR VMID DSID [SYSTEM_TM]",
+    "failmigrate": "SRC DST SYSTEM_DIR VMID DSID [SYSTEM_TM]",
+}
 
 
 def tm_arguments(version, words: list) -> list:
