@@ -135,6 +135,11 @@ def print_version(args) -> int:
 
 def report_failure(message: str, wire) -> None:
     message = " ".join(log.mask(str(message)).split()) or "failed"
+    # oned drops an error text that starts with '-' (ImageManager::_cp and the others:
+    # `info[0] != '-'`), and 7.x files a `LEVEL:` line as a log line, not as the error
+    # (DriverExecHelper#get_info_from_execution): never start the error that way.
+    if message.startswith("-") or message.split(":", 1)[0] in ("ERROR", "INFO", "WARN", "DEBUG"):
+        message = "oneiscsi: " + message
     log.to_file("ERROR", message)
     if wire is not None and wire.error_block:
         sys.stderr.write("ERROR MESSAGE --8<------\n%s\nERROR MESSAGE ------>8--\n" % message)

@@ -3,13 +3,15 @@
 Where log lines go depends on what the calling oned does with stderr
 (reference: opennebula-driver-interface.md section 0):
 
-* up to 6.0 the failure text is only what stands between the ERROR MESSAGE
+* up to 6.0.2 the failure text is only what stands between the ERROR MESSAGE
   markers, so log lines on stderr are safe and end up in the VM/image log;
-* 6.2 to 6.10 turn the *whole* stderr of a failed action into the error
-  message and drop stderr on success, so log lines go to the log file only and
-  the operator sees exactly one line;
+* 6.0.3 to 6.10 turn the *whole* stderr of a failed action into the error
+  message and drop stderr on success (CommandManager.rb `get_error_message`
+  at release-6.0.3), so log lines go to the log file only and the operator
+  sees exactly one line;
 * 7.0+ forward `INFO:`-style lines as LOG messages and build the error from
   the other lines, so log lines go to stderr again.
+  (one.version.Wire.stderr_logs; per-version model: tests/onedmodel.py)
 
 Every line written anywhere passes through `mask()`: values registered with
 `secret()` (passwords, CHAP secrets) are replaced by `****`.

@@ -62,7 +62,7 @@ def ds_call(remotes: Path, driver: str, action: str, b64: str, obj_id, version, 
 def error_text(res: Result, version) -> str:
     """The failure text oned would show for this stderr (see the interface spec, section 0)."""
     err = res.err
-    if tuple(version) < (6, 2):
+    if tuple(version) < (6, 0, 3):  # get_error_message: the whole stderr from 6.0.3 (tests/onedmodel.py)
         start, end = "ERROR MESSAGE --8<------", "ERROR MESSAGE ------>8--"
         assert start in err and end in err, err
         return err.split(start, 1)[1].split(end, 1)[0].strip()

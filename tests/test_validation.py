@@ -108,3 +108,15 @@ def test_tm_ln_refuses_hostile_host_before_ssh(remotes, spy):
                        "1", "101"], env=env)
     assert res.rc == 1 and "not a host name" in res.err, res
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("dst", ["raw", ":/var/lib/one/datastores/0/1/disk.0", "host1:"])
+def test_tm_ln_names_a_bad_host_path_value_before_ssh(remotes, spy, dst):
+    """A HOST:PATH argument without a host (a SOURCE with a space shifts oned's arguments:
+    one_tm.rb parse_script splits on spaces) is named with its value and the fix."""
+    env, marker = spy
+    res = oneutil.run(remotes / "tm" / "iscsi" / "ln", ["iqn.2000-01.com.example:a", dst, "1", "101"], env=env)
+    assert res.rc == 1 and res.err.count("\n") == 1, res
+    assert repr(dst) in res.err and "is empty" not in res.err, res
+    assert ("oneimage show" in res.err) or ("not a host name" in res.err), res
+    assert not marker.exists()

@@ -108,10 +108,27 @@ DS = {
     "snap_delete": _not_supported("not supported: take snapshots on the target"),
     "snap_revert": _not_supported("not supported: take snapshots on the target"),
     "snap_flatten": _not_supported("not supported: take snapshots on the target"),
+    # the marketplace runs datastore/<driver>/export (src/market_mad/one_market.rb `import`)
+    "export": _not_supported("not supported: an iSCSI LUN cannot be exported to a marketplace"),
 }
 
 
 # ---- transfer actions ---------------------------------------------------------------
+def no_check_lines(host: str, rc: int, err: str) -> str:
+    """The failure when the host check's script printed none of its CHECK lines: the
+    shell at the other end did not run it. Names what it saw, the likely cause, the fix."""
+    if rc == 0 and not err:
+        saw = "ssh to %s worked (exit 0) but the check script printed nothing, not even its CHECK lines" % host
+    elif err:
+        saw = "the check script on %s printed no CHECK lines and exited with %d: %s" % (host, rc, validate.show(err, 160))
+    else:
+        saw = "the check script on %s printed no CHECK lines and exited with %d, nothing on stderr" % (host, rc)
+    return ("host %s: %s; cause: the account oned uses there did not run the script sent on stdin to 'sh -s' "
+            "(a command= restriction in its authorized_keys, an sshd ForceCommand, or a shell profile that "
+            "exits or swallows stdin); fix: make 'echo echo ok | ssh %s sh -s' print ok as oneadmin on the "
+            "frontend" % (host, saw, host))
+
+
 def check_host(host: str, targets: list) -> None:
     """QEMU's iSCSI support and, for CHAP, the libvirt secrets, on `host` in one ssh round trip."""
     from oneiscsi import host as hostrun
@@ -123,8 +140,7 @@ def check_host(host: str, targets: list) -> None:
         raise Failure("host %s: cannot run the iSCSI check over ssh: %s" % (host, hostrun.last_line(res.stderr)))
     rows = checks.parse(res.stdout)
     if not rows:
-        raise Failure("host %s: the iSCSI check printed nothing (rc %d): %s"
-                      % (host, res.returncode, hostrun.last_line(res.stderr)))
+        raise Failure(no_check_lines(host, res.returncode, hostrun.last_line(res.stderr)))
     failed = [r for r in rows if r[1] == "FAIL"]
     if failed:
         name, _, detail, fix = failed[0]
@@ -134,14 +150,19 @@ def check_host(host: str, targets: list) -> None:
 
 def tm_ln(call):
     if len(call.args) < 3:
-        raise Invalid("ln needs SOURCE HOST:PATH VMID [DSID]")
-    host, path = host_path(call.args[1])
+        raise Invalid("ln needs SOURCE HOST:PATH VMID [DSID], got %d argument(s) %s: run it from oned"
+                      % (len(call.args), validate.show(" ".join(call.args))))
+    host, path = host_path(call.args[1], "ln's HOST:PATH argument")
     did = disk_id(path)
     validate.hostname(host, "destination host")
+    if did is None:
+        raise Invalid("ln's destination %s is not a disk path (<system datastore>/<vmid>/disk.<id>): the arguments "
+                      "are shifted or not oned's" % validate.show(call.args[1]))
     vm = call.one.vm(call.args[2])
-    disk = vm.disk(did) if did is not None else None
+    disk = vm.disk(did)
     if disk is None:
-        raise Failure("VM %s has no DISK with DISK_ID %s" % (call.args[2], did))
+        raise Failure("VM %s has no DISK with DISK_ID %s (from %s): oned and the VM disagree; check "
+                      "'onevm show %s'" % (call.args[2], did, validate.show(call.args[1]), call.args[2]))
     check_host(host, [Target.of_disk(disk).for_libvirt()])
 
 

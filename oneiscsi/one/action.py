@@ -4,18 +4,28 @@ from __future__ import annotations
 import re
 import sys
 
+from oneiscsi import validate
 from oneiscsi.errors import Failure, Invalid
 from oneiscsi.one.version import Wire
 
 TM_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
 
 
-def host_path(arg: str):
+def host_path(arg: str, what: str = "the HOST:PATH argument"):
     """`host:/path` -> (host, path). SOURCE values with their own `:` arrive unprefixed,
-    so only use this on arguments oned builds as host:path."""
-    host, sep, path = arg.partition(":")
-    if not sep:
-        return "", arg
+    so only use this on arguments oned builds as host:path.
+
+    oned writes each TM call as one line of its transfer script and splits it on spaces
+    (src/tm_mad/one_tm.rb `parse_script`, every release), so a SOURCE holding whitespace
+    becomes two arguments and shifts the rest: a HOST:PATH argument without a host is
+    reported as that, with the value, never as an empty host."""
+    host, sep, path = (arg or "").partition(":")
+    if not sep or not host or not path:
+        raise Invalid("%s is %s, not <host>:<path>; oned builds it as host:path, so the arguments are shifted: "
+                      "oned splits a TM call on spaces, and a SOURCE holding whitespace (OpenNebula 6.0.0-6.4.1 "
+                      "store a DS clone reply of 'volume format' whole) becomes two arguments; check the image's "
+                      "SOURCE with 'oneimage show' and re-create the image if it holds a space"
+                      % (what, validate.show(arg)))
     path = re.sub(r"/+", "/", path)
     return host, path
 
@@ -31,7 +41,9 @@ def disk_id(path: str):
 
 def int_arg(value: str, what: str) -> int:
     if not re.fullmatch(r"-?\d{1,10}", value or ""):
-        raise Invalid("%s must be a number, got %r" % (what, value))
+        raise Invalid("%s must be a number, got %s; oned passes it as a number, so the arguments are shifted "
+                      "(a SOURCE or path holding whitespace splits into two): check the image's SOURCE with "
+                      "'oneimage show'" % (what, validate.show(value)))
     return int(value)
 
 
@@ -61,16 +73,20 @@ class Call:
         return self._stdin_text
 
     def ds(self):
-        """DS_DRIVER_ACTION_DATA: argv[1] up to 6.6 (`<b64> <id>`), stdin from 6.8 (`<id>`)."""
+        """DS_DRIVER_ACTION_DATA: argv `<b64> <id>` up to 6.6; `- <id>` with the data on stdin
+        when one_datastore runs with `--stdin` (release-6.4.7, release-6.6.3
+        src/datastore_mad/one_datastore.rb `do_image_action`); stdin and `<id>` from 6.8."""
         if self._ds is None:
             from oneiscsi.one import xml
-            if len(self.args) >= 2:
+            if len(self.args) >= 2 and self.args[0] != "-":
                 b64, self.obj_id = self.args[0], self.args[1]
             else:
                 b64 = self.stdin_text()
-                self.obj_id = self.args[0] if self.args else ""
+                self.obj_id = self.args[-1] if self.args and self.args[-1] != "-" else ""
             if not b64.strip():
-                raise Failure("no DS_DRIVER_ACTION_DATA: expected it as the first argument or on stdin")
+                raise Failure("no DS_DRIVER_ACTION_DATA: oned sends it as the first argument (up to 6.6) or on "
+                              "stdin (6.8+, or '-' as the first argument); got %d argument(s) and nothing on "
+                              "stdin: run the action from oned, not by hand" % len(self.args))
             self._ds = xml.ds_input(b64)
         return self._ds
 
@@ -89,7 +105,9 @@ class Call:
         if self._migrate is None:
             a = self.args
             if len(a) < 5:
-                raise Invalid("%s needs SRC DST SYSTEM_DIR VMID DSID, got %d arguments" % (self.action, len(a)))
+                raise Invalid("%s needs SRC DST SYSTEM_DIR VMID DSID, got %d argument(s) %s: run it from oned "
+                              "(the VMM driver or the system TM's migrate_other)"
+                              % (self.action, len(a), validate.show(" ".join(a))))
             rest = a[5:]
             template = ""
             if rest and not TM_NAME.match(rest[0]):
@@ -110,7 +128,13 @@ class Call:
         sys.stdout.flush()
 
     def cp_result(self, source: str, fmt: str = "raw") -> None:
+        """cp's reply: `SOURCE FORMAT` from 6.0.0, `SOURCE` before (Wire.cp_prints_format)."""
         self.result("%s %s" % (source, fmt) if self.wire.cp_prints_format else source)
+
+    def clone_result(self, source: str, fmt: str = "raw") -> None:
+        """clone's reply: `SOURCE FORMAT` from 6.4.2; `SOURCE` alone before, since 6.0.0-6.4.1
+        store the whole reply as SOURCE (Wire.clone_prints_format)."""
+        self.result("%s %s" % (source, fmt) if self.wire.clone_prints_format else source)
 
     def __str__(self):
         return "%s/%s/%s" % ("datastore" if self.kind == "ds" else "tm", self.driver, self.action)

@@ -43,10 +43,13 @@ def _session() -> str:
     try:
         with open(path, encoding="utf-8") as f:
             token = f.readline().strip()
-    except OSError:
-        raise Failure("cannot read the OpenNebula credentials in %s (set ONE_AUTH)" % path) from None
+    except OSError as e:
+        raise Failure("cannot read the OpenNebula credentials in %s (%s): TM actions read the VM from oned; "
+                      "give oneadmin a readable %s holding user:password, or set ONE_AUTH to such a file"
+                      % (path, e.strerror, path)) from None
     if ":" not in token:
-        raise Failure("the OpenNebula credentials in %s are not user:password" % path)
+        raise Failure("the OpenNebula credentials in %s are not user:password (its first line has no ':'): "
+                      "write one line user:password there" % path)
     log.secret(token.split(":", 1)[1])
     return token
 
@@ -81,7 +84,8 @@ class One:
             return self._cli(kind, oid)
         ok, body = reply[0], reply[1]
         if not ok:
-            raise Failure("oned refused one.%s.info %s: %s" % (kind, oid, body))
+            raise Failure("oned refused one.%s.info %s: %s (check that the user in ONE_AUTH may read %s %s)"
+                          % (kind, oid, body, kind, oid))
         return body
 
     def _cli(self, kind: str, oid: int) -> str:
@@ -89,8 +93,8 @@ class One:
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise Failure("cannot read %s %s from oned: XML-RPC unreachable and %s failed (%s)"
-                          % (kind, oid, cmd[0], e)) from None
+            raise Failure("cannot read %s %s from oned: XML-RPC unreachable and %s failed (%s); set ONE_XMLRPC to "
+                          "oned's endpoint (PORT in oned.conf)" % (kind, oid, cmd[0], e)) from None
         if res.returncode != 0:
             raise Failure("%s show -x %s failed: %s" % (cmd[0], oid, res.stderr.strip()[:300]))
         return res.stdout
@@ -119,7 +123,8 @@ class One:
             except xmlrpc.client.Fault:  # no such method in this oned
                 continue
             except (OSError, socket.timeout, xmlrpc.client.Error) as e:
-                raise Failure("oned XML-RPC at %s: %s" % (url, e)) from None
+                raise Failure("oned XML-RPC at %s: %s; set ONE_XMLRPC to oned's endpoint (PORT in oned.conf)"
+                          % (url, e)) from None
         if not reply or not reply[0]:
             raise Failure("oned refused one.%spool.info: %s" % (kind, reply[1] if reply else "no answer"))
         cls = {"vm": xml.VM, "image": xml.Image, "datastore": xml.Datastore}[kind]

@@ -27,7 +27,8 @@ def parse_b64(data: str) -> "etree._Element":
     try:
         raw = base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise Failure("the data from oned is not base64") from None
+        raise Failure("the data from oned is not base64 (got %r...): the action was not called by oned, or "
+                      "with arguments of another OpenNebula version" % data.strip()[:20]) from None
     return parse(raw)
 
 

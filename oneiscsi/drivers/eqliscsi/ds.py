@@ -12,7 +12,8 @@ cp      validate; fetch the source (local file, http/https; MD5/SHA1 checked,
         deletes it: no volume is ever left behind.
 mkfs    `save_as`: print the name only; raw: create the volume; a filesystem: made
         on a sparse local file and written like cp.
-clone   SAN-side clone of the source image's volume.
+clone   SAN-side clone of the source image's volume; print `<volume> raw` (6.4.2+)
+        or `<volume>` (6.0.0-6.4.1 store the whole reply as SOURCE).
 rm      offline + delete; "does not exist" is success; refused while initiators are
         connected.
 stat    MB of the source (virtual size for qcow2, gzip's recorded size, Content-Length
@@ -44,7 +45,7 @@ import tempfile
 
 from oneiscsi import config, log, validate
 from oneiscsi.drivers.eqliscsi import common, source, write
-from oneiscsi.errors import Failure, Invalid
+from oneiscsi.errors import Failure, Invalid, NotSupported
 from oneiscsi.one.version import remotes_dir
 from oneiscsi.san import cli, client
 
@@ -219,15 +220,34 @@ def ds_clone(call):
     source = common.parse_source(image["PATH"] or image["SOURCE"], "PATH (the source image's SOURCE)")
     name = common.volume_name(image.name, iid)
     if name == source:
-        raise Invalid("the clone would have the source's volume name %s" % name)
+        raise Invalid("the clone would have the source's volume name %s: give the new image another name "
+                      "or let OpenNebula give it a new id" % name)
     vol = NewVolume(cfg, name, _description(image, iid), writer_access=False)
     vol.run(lambda s: s.clone_volume(source, name, vol.description, unrestricted=not cfg.access))
-    call.cp_result(name, "raw")
+    call.clone_result(name, "raw")
+
+
+# OpenNebula 6.0.0-6.4.1 stored a clone reply `volume raw` whole as SOURCE
+# (src/image/ImageManagerProtocol.cc ImageManager::_clone at release-6.4.1); older
+# builds of this driver printed that, so such images exist.
+LEAKED_CLONE = re.compile(r"^(\S+) (raw|qcow2)$")
+
+
+def image_volume(image) -> str:
+    """The volume of an image from its SOURCE, also from the leaked `volume raw` form,
+    so those images can still be removed and snapshotted."""
+    src = (image["SOURCE"] or "").strip()
+    m = LEAKED_CLONE.match(src)
+    if m:
+        log.info("SOURCE %s holds a clone reply stored whole by OpenNebula 6.0-6.4.1: using volume %s"
+                 % (validate.show(src), m.group(1)))
+        src = m.group(1)
+    return common.parse_source(src)
 
 
 def ds_rm(call):
     ds, cfg = _setup(call)
-    name = common.parse_source(ds.image["SOURCE"])
+    name = image_volume(ds.image)
     group = cfg.group()
     with common.volume_lock(group.address, name, cfg.lock_wait):
         with client.session(group) as s:
@@ -281,7 +301,7 @@ def ds_monitor(call):
 # ---- snapshots ---------------------------------------------------------------------------
 def _snap_target(call):
     ds, cfg = _setup(call)
-    name = common.parse_source(ds.image["SOURCE"])
+    name = image_volume(ds.image)
     sid = ds.image["TARGET_SNAPSHOT"]
     if not re.fullmatch(r"\d{1,9}", sid or ""):
         raise Invalid("TARGET_SNAPSHOT %s is refused: not a snapshot id" % validate.show(sid))
@@ -364,7 +384,15 @@ def ds_snap_flatten(call):
     log.info("volume %s flattened to %s; its snapshots are deleted" % (name, snap))
 
 
+def ds_export(call):
+    """The marketplace's `export` (src/market_mad/one_market.rb `import`, 5.0+). Without
+    this action oned would show a shell's "not found" (6.0.3+) or nothing (up to 6.0.2)."""
+    raise NotSupported("export: not supported: EqualLogic volumes cannot be exported to a marketplace; "
+                       "copy the volume to a file (qemu-img convert) and create the app from that file")
+
+
 DS = {
+    "export": ds_export,
     "cp": ds_cp,
     "mkfs": ds_mkfs,
     "clone": ds_clone,

@@ -57,6 +57,38 @@ def _check_path_text(path: str) -> None:
         raise Invalid("PATH %s is refused: it contains a newline or control character" % validate.show(path))
 
 
+def restricted_dirs(datastore) -> tuple:
+    """(RESTRICTED_DIRS, SAFE_DIRS) as OpenNebula's fs driver sees them:
+    src/datastore_mad/remotes/libfs.sh `set_up_datastore` (release-4.14.2 to release-7.4.0)
+    puts `$VAR_LOCATION $ETC_LOCATION $HOME/` (/var/lib/one/ and /etc/one/, or under
+    $ONE_LOCATION) before the datastore's RESTRICTED_DIRS. oned itself gives a new
+    datastore SAFE_DIRS="/var/tmp" RESTRICTED_DIRS="/" when it has neither
+    (src/datastore/Datastore.cc `Datastore::insert`, 5.x+)."""
+    one = os.environ.get("ONE_LOCATION", "")
+    var, etc = (one + "/var/", one + "/etc/") if one else ("/var/lib/one/", "/etc/one/")
+    restricted = [var, etc, os.environ.get("HOME", "") + "/"] + datastore.tpl("RESTRICTED_DIRS").split()
+    return tuple(restricted), tuple(datastore.tpl("SAFE_DIRS").split())
+
+
+def check_restricted(path: str, datastore) -> None:
+    """Refuse a frontend path as `check_restricted` (libfs.sh) does: the resolved path
+    (`readlink -f`) is allowed when it starts with a SAFE_DIRS entry, else refused when
+    it starts with a RESTRICTED_DIRS entry. Entries are plain string prefixes, `/`
+    included (OpenNebula hands them to `grep -E "^$path"`; here a regex character in an
+    entry stands for itself)."""
+    real = os.path.realpath(path)
+    restricted, safe = restricted_dirs(datastore)
+    if any(real.startswith(d) for d in safe):
+        return
+    hit = next((d for d in restricted if real.startswith(d)), None)
+    if hit is not None:
+        raise Invalid("PATH %s is refused: it resolves to %s, under the restricted directory %s (RESTRICTED_DIRS "
+                      "%s of the datastore, plus OpenNebula's own directories and oneadmin's home); copy the "
+                      "file into a SAFE_DIRS directory (%s) or add its directory to the datastore's SAFE_DIRS"
+                      % (validate.show(path, 200), validate.show(real, 200), hit,
+                         validate.show(datastore.tpl("RESTRICTED_DIRS")), " ".join(safe) or "none set"))
+
+
 def _local_path(path: str, datastore) -> str:
     """An absolute, existing regular file outside RESTRICTED_DIRS (unless under SAFE_DIRS)."""
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path):
@@ -64,20 +96,13 @@ def _local_path(path: str, datastore) -> str:
                            "volume" % validate.show(path))
     if not path.startswith("/"):
         raise Invalid("PATH %s is refused: give an absolute path or an http(s) URL" % validate.show(path))
+    check_restricted(path, datastore)
     real = os.path.realpath(path)
-    home = os.path.expanduser("~").rstrip("/")
-    restricted = ["/var/lib/one", "/etc/one"] + ([home] if home else []) + datastore.tpl("RESTRICTED_DIRS").split()
-    safe = datastore.tpl("SAFE_DIRS").split()
-
-    def under(p, dirs):  # as OpenNebula's check_restricted (libfs.sh)
-        return any(p == d.rstrip("/") or p.startswith(d.rstrip("/") + "/") for d in dirs if d.rstrip("/"))
-    if under(real, restricted) and not under(real, safe):
-        raise Invalid("PATH %s is in a restricted directory (RESTRICTED_DIRS; allow it with SAFE_DIRS)"
-                      % validate.show(path))
     if not os.path.isfile(real):
-        raise Invalid("PATH %s is not a regular file on the frontend" % validate.show(path))
+        raise Invalid("PATH %s is not a regular file on the frontend: give an existing image file"
+                      % validate.show(path))
     if not os.access(real, os.R_OK):
-        raise Invalid("PATH %s cannot be read by %s" % (validate.show(path), _user()))
+        raise Invalid("PATH %s cannot be read by %s: make it readable for that user" % (validate.show(path), _user()))
     return real
 
 
