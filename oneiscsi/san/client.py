@@ -390,6 +390,24 @@ class Session:
         info["iqn"] = _parsed(parse.iqn_field, out, "volume show")
         return info
 
+    def await_volume(self, name, wait: float):
+        """volume_info(name), asked again until the volume exists or `wait` seconds passed.
+
+        For the check after a create or clone whose answer never came (TransportError
+        `unsure`): the session that sent it is closed, so its reply can no longer reach
+        us, but nothing documents that a group stops a command when its CLI session goes
+        (equallogic-and-peers.md 2.2 and 5: cinder's with_timeout abandons the channel and
+        checks nothing), so the group may still finish it for a while."""
+        deadline = time.monotonic() + wait
+        pause = 0.25
+        while True:
+            info = self.volume_info(name)
+            left = deadline - time.monotonic()
+            if info is not None or left <= 0:
+                return info
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 5.0)
+
     def volumes(self) -> list:
         return _parsed(parse.volume_table, self.run(cli.volume_list()), "volume show")
 
