@@ -41,20 +41,22 @@ class LockTimeout(Failure):
 
 
 def _make_dir(d: str) -> None:
-    """Create `d` 0700; as root, give it the owner of its parent directory."""
+    """Create `d` 0700. As root, a lock directory owned by root (new, or left by an older
+    version run as root) gets the owner of its parent directory (oneadmin for /var/lock/one)."""
     try:
         os.mkdir(d, 0o700)
     except FileExistsError:
-        return
+        pass
     except FileNotFoundError:
         os.makedirs(os.path.dirname(d) or ".", 0o755, exist_ok=True)
         try:
             os.mkdir(d, 0o700)
         except FileExistsError:
-            return
+            pass
     if os.geteuid() == 0:
+        st = os.lstat(d)
         parent = os.stat(os.path.dirname(os.path.abspath(d)))
-        if parent.st_uid != 0:
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and parent.st_uid != 0:
             os.chown(d, parent.st_uid, parent.st_gid, follow_symlinks=False)
 
 

@@ -107,6 +107,11 @@ def test_root_owned_files_of_an_older_run_are_given_back(oneadmin_dir):
     take_all()  # root again: fixes the owner
     assert _owner_mode(path) == (ONEADMIN, ONEADMIN, 0o600)
     assert as_user(ONEADMIN, take_all) == ""
+    os.chown(oneadmin_dir, 0, 0)  # the directory itself, made by an older version run as root
+    assert "belongs to uid 0" in as_user(ONEADMIN, take_all)
+    take_all()
+    assert _owner_mode(oneadmin_dir) == (ONEADMIN, ONEADMIN, 0o700)
+    assert as_user(ONEADMIN, take_all) == ""
 
 
 def test_no_world_writable_directory_and_no_tmp_fallback(tmp_path, monkeypatch):
