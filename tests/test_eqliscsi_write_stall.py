@@ -114,3 +114,44 @@ def test_limit_setting_is_checked():
     assert write._stall({"EQL_WRITE_STALL": "30"}) == 30
     with pytest.raises(Failure, match="EQL_WRITE_STALL"):
         write._stall({"EQL_WRITE_STALL": "1"})
+
+
+def test_oned_timeout_kills_the_copy_and_undoes(tmp_path):
+    """oned's driver timeout sends TERM to the action's process group (CommandManager.rb
+    capture3_timeout, release-6.10.5). qemu-img runs in its own group, so the action itself
+    must kill it: no copy outlives the action and the new volume is deleted."""
+    import subprocess
+    from tests import oneutil
+    from tests.test_eqliscsi_ds import Lab, ds_data, ensure_links, random_file
+    key = str(tmp_path / "hostkey")
+    lab = Lab(str(tmp_path / "lab"), key)
+    try:
+        remotes = tmp_path / "remotes"
+        oneutil.build_if_stale()
+        oneutil.install(remotes, "6.8")
+        ensure_links(remotes)
+        src = random_file(str(tmp_path / "big.raw"), 48 * MiB)
+        b64 = ds_data(iid=9, name="slow", path=src, ds_tpl={"LIMIT_TRANSFER_BW": "4M"})
+        env = dict(os.environ)
+        env.pop("ONEISCSI_ONE_VERSION", None)
+        env.update(lab.env())
+        p = subprocess.Popen([str(remotes / "datastore" / "eqliscsi" / "cp"), "9"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)  # like oned: the action leads its own group
+        p.stdin.write(b64)
+        p.stdin.close()
+        deadline = time.monotonic() + 30
+        while not _qemu_img_of(src) and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        assert _qemu_img_of(src), p.stderr.read()
+        assert "slow.9" in lab.state()
+        os.killpg(p.pid, signal.SIGTERM)
+        rc = p.wait(30)
+        err = p.stderr.read()
+        p.stdout.close()
+        p.stderr.close()
+        assert rc != 0 and "terminated by signal 15" in err, err
+        assert _qemu_img_of(src) == []
+        assert lab.state() == {}, err   # the volume it made is deleted
+    finally:
+        lab.stop()
