@@ -7,8 +7,15 @@
   It holds one of `slots` lock files `<name>.<i>.slot`.
 
 The kernel drops a flock when its holder dies, so a killed process never leaves a
-stale lock. Lock files live in ONEISCSI_LOCK_DIR, else /var/lock/one/oneiscsi, else
-a per-user directory under the temp dir; names are reduced to safe file names.
+stale lock. Lock files live in ONEISCSI_LOCK_DIR, else /var/lock/one/oneiscsi (the
+directory OpenNebula's packages give oneadmin); there is no fallback elsewhere: a
+directory that other users can write would let any local user block actions.
+Names are reduced to safe file names.
+
+Ownership: the lock directory must not be writable by group or others. Lock files are
+created 0600. Run as root (a cron job, for example), a new lock directory gets the
+owner of its parent and every lock file the owner of the lock directory, so a later
+run as oneadmin can still open them.
 """
 from __future__ import annotations
 
@@ -19,32 +26,69 @@ import hashlib
 import os
 import random
 import re
-import tempfile
+import stat
 import time
 
 from oneiscsi.errors import Failure
 
 DEFAULT_DIRS = ("/var/lock/one/oneiscsi",)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 class LockTimeout(Failure):
     """A lock or semaphore slot stayed busy for the whole wait limit."""
 
 
-def lock_dir() -> str:
-    """The directory for lock files, created if needed (0700 when we create it)."""
-    candidates = [os.environ["ONEISCSI_LOCK_DIR"]] if os.environ.get("ONEISCSI_LOCK_DIR") else []
-    candidates += list(DEFAULT_DIRS)
-    candidates.append(os.path.join(tempfile.gettempdir(), "oneiscsi-locks-%d" % os.getuid()))
-    for d in candidates:
+def _make_dir(d: str) -> None:
+    """Create `d` 0700. As root, a lock directory owned by root (new, or left by an older
+    version run as root) gets the owner of its parent directory (oneadmin for /var/lock/one)."""
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(d) or ".", 0o755, exist_ok=True)
         try:
-            os.makedirs(d, mode=0o700, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(d, os.W_OK | os.X_OK):
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+    if os.geteuid() == 0:
+        st = os.lstat(d)
+        parent = os.stat(os.path.dirname(os.path.abspath(d)))
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and parent.st_uid != 0:
+            os.chown(d, parent.st_uid, parent.st_gid, follow_symlinks=False)
+
+
+def _usable(d: str) -> str:
+    """'' when `d` is a safe lock directory for this process, else why not (with the fix)."""
+    try:
+        _make_dir(d)
+        st = os.lstat(d)
+    except OSError as e:
+        return "%s: %s" % (d, e.strerror or e)
+    if not stat.S_ISDIR(st.st_mode):
+        return "%s is not a directory" % d
+    if st.st_mode & 0o022:
+        return ("%s is writable by group or others (mode %04o): any local user could hold its locks; "
+                "run chmod 700 %s" % (d, stat.S_IMODE(st.st_mode), d))
+    if os.geteuid() not in (0, st.st_uid):
+        return "%s belongs to uid %d, not to this user (uid %d): run chown -R %d %s" % (
+            d, st.st_uid, os.geteuid(), os.geteuid(), d)
+    return ""
+
+
+def lock_dir() -> str:
+    """The directory for lock files (ONEISCSI_LOCK_DIR, else /var/lock/one/oneiscsi), checked."""
+    candidates = [os.environ["ONEISCSI_LOCK_DIR"]] if os.environ.get("ONEISCSI_LOCK_DIR") else list(DEFAULT_DIRS)
+    reasons = []
+    for d in candidates:
+        why = _usable(d)
+        if not why:
             return d
-    raise Failure("no writable lock directory (tried %s); set ONEISCSI_LOCK_DIR" % ", ".join(candidates))
+        reasons.append(why)
+    raise Failure("no usable lock directory (%s); set ONEISCSI_LOCK_DIR to a directory of the "
+                  "oneadmin user with mode 0700" % "; ".join(reasons))
 
 
 def file_name(name: str) -> str:
@@ -56,7 +100,32 @@ def file_name(name: str) -> str:
 
 
 def _open(path: str) -> int:
-    return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    """Open (create 0600) a lock file, never through a symbolic link; as root, the file
+    gets the owner of its directory."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise Failure("lock file %s is a symbolic link: refusing it (remove it)" % path) from None
+        try:
+            owner = " (it belongs to uid %d)" % os.lstat(path).st_uid
+        except OSError:
+            owner = ""
+        raise Failure("cannot open lock file %s%s: %s; lock files must belong to the user that runs "
+                      "the drivers (oneadmin): run chown -R oneadmin %s" % (
+                          path, owner, e.strerror or e, os.path.dirname(path))) from None
+    try:
+        st = os.fstat(fd)
+        if os.geteuid() == 0:
+            dst = os.stat(os.path.dirname(path))
+            if (st.st_uid, st.st_gid) != (dst.st_uid, dst.st_gid):
+                os.fchown(fd, dst.st_uid, dst.st_gid)
+        if stat.S_IMODE(st.st_mode) != 0o600 and st.st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _try(fd: int) -> bool:

@@ -82,7 +82,8 @@ def fault_lab(tmp_path_factory, sim_host_key):
 
 
 def _run(lab, remotes, action, src, **conf):
-    lab.conf(EQL_CLI_RETRIES="2", **conf)
+    # EQL_CLI_TIMEOUT also bounds how long a create whose answer was lost is looked for
+    lab.conf(EQL_CLI_RETRIES="2", EQL_CLI_TIMEOUT="4", **conf)
     b64, oid = _prepare(lab, action, src)
     return b64, oid
 
@@ -172,7 +173,7 @@ def _tolerated(cmd):
 
 
 @pytest.mark.parametrize("action", ACTIONS)
-def test_refused_sessions_and_timeouts_leave_the_group_alone(fault_lab, action):
+def test_refused_sessions_leave_the_group_alone(fault_lab, action):
     lab, remotes, src = fault_lab
     verb = action.split("-")[0]
     _reset(lab)
@@ -183,16 +184,94 @@ def test_refused_sessions_and_timeouts_leave_the_group_alone(fault_lab, action):
     res = lab.call(remotes, verb, b64, oid)
     assert "Maximum number of CLI sessions" in one_line(res, (6, 8))
     assert lab.state() == before and lab.sim.sessions_refused >= 2
-    lab.sim.faults.clear()
+
+
+# ---- a group that answers a mutating command late -----------------------------------------------
+MUTATING = re.compile(r"^volume (create|delete) |^volume select \S+ (clone |offline|online|multihost-access |"
+                      r"access (create|delete) |size |snapshot (delete |create-now|rename |select \S+ "
+                      r"(offline|online|restore|clone )))")
+
+
+def _late(lab, remotes, action, src, seconds):
+    """Clean run; then the same action with its first mutating command answered `seconds` late
+    (EQL_CLI_TIMEOUT=1). -> (before, after, first mutating command, failed run's text)."""
+    verb = action.split("-")[0]
+    before, after, commands, _ = _clean_run(lab, remotes, action, src)
+    first = next(c for c in commands if MUTATING.search(c))
+    _reset(lab)
+    b64, oid = _run(lab, remotes, verb, src, **_conf_for(action))
     lab.conf(EQL_CLI_TIMEOUT="1", EQL_CLI_RETRIES="0", **_conf_for(action))
-    lab.sim.faults.latency(1.2)
+    assert lab.state() == before
+    lab.sim.faults.latency(seconds, "^" + re.escape(first) + "$", times=1)
     t = time.monotonic()
     res = lab.call(remotes, verb, b64, oid)
-    assert "no answer from group" in one_line(res, (6, 8))
-    assert time.monotonic() - t < 15
-    lab.sim.faults.clear()
-    time.sleep(1.3)  # let the simulator finish the late line before comparing
+    text = one_line(res, (6, 8))
+    took = time.monotonic() - t
+    # the timeout fired on the mutating command itself, not during the terminal set-up
+    assert "no answer from group" in text and "within 1 s to %r" % first in text, text
+    assert first in lab.sim.commands and took < 15
+    _wait_late_done(lab)
+    return before, after, first, text, b64, oid
+
+
+def _wait_late_done(lab):
+    """Until the simulator has run the late command (its session ends after it)."""
+    deadline = time.monotonic() + 20
+    while lab.sim.sessions_now and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lab.sim.sessions_now == 0
+
+
+@pytest.mark.parametrize("action", ACTIONS)
+def test_late_answer_to_the_first_mutating_command(fault_lab, action):
+    """The answer comes after EQL_CLI_TIMEOUT but the group still does the command: a volume
+    the action was creating is found (it is looked for for EQL_CLI_TIMEOUT more seconds) and
+    deleted; any other action is finished by running it again."""
+    lab, remotes, src = fault_lab
+    verb = action.split("-")[0]
+    before, after, first, text, b64, oid = _late(lab, remotes, action, src, 1.5)
+    if verb in ("cp", "mkfs", "clone"):
+        assert "deleted" in text, text
+        assert lab.state() == before, text
+    lab.conf(EQL_CLI_TIMEOUT="4", **_conf_for(action))
+    res = lab.call(remotes, verb, b64, oid)
+    assert res.rc == 0, (first, res)
+    assert lab.state() == after, (first, res)
+
+
+@pytest.mark.parametrize("action", ["cp", "mkfs", "clone"])
+def test_create_finished_after_the_check_is_replaced_on_rerun(fault_lab, action):
+    """Later than the check: the volume appears after the action failed. A re-run recognises it
+    by its exact description (no connection, no snapshot) and makes it again."""
+    lab, remotes, src = fault_lab
+    before, after, first, text, b64, oid = _late(lab, remotes, action, src, 3.5)
+    assert "did not appear within 1 s" in text, text
+    state = lab.state()
+    orphans = sorted(set(state) - set(before))
+    assert len(orphans) == 1, state
+    lab.conf(EQL_CLI_TIMEOUT="4")
+    res = lab.call(remotes, action, b64, oid)
+    assert res.rc == 0, res
+    assert "volume %s exists with this image's description" % orphans[0] in open(lab.log).read()
+    assert lab.state() == after
+
+
+def test_volume_of_another_description_is_never_replaced(fault_lab):
+    lab, remotes, src = fault_lab
+    _reset(lab)
+    b64, oid = _run(lab, remotes, "cp", src)
+    lab.group.create_volume("fault-image.7", 4, description="OpenNebula image 7: someone else's",
+                            unrestricted=True)
+    before = lab.state()
+    res = lab.call(remotes, "cp", b64, oid)
+    assert "already exists" in one_line(res, (6, 8))
     assert lab.state() == before
+    lab.group.volumes["fault-image.7"].description = "OpenNebula image 7: Fault Image"
+    snap = lab.group.create_snapshot("fault-image.7", "kept")   # a snapshot: not a leftover either
+    before = lab.state()
+    res = lab.call(remotes, "cp", b64, oid)
+    assert "already exists" in one_line(res, (6, 8))
+    assert lab.state() == before and snap.name in lab.state()["fault-image.7"]["snapshots"]
 
 
 def test_slow_group_still_works(fault_lab):

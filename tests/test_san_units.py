@@ -34,6 +34,24 @@ def test_iqn_field_wrapped(columns):
     assert parse.iqn_field(indented) == LONG
 
 
+@pytest.mark.parametrize("key", ["Multihost-access", "MultiHostAccess", "multihost access", "MULTIHOST_ACCESS"])
+def test_field_names_match_as_a_person_reads_them(key):
+    out = ["Name: v", "iSCSI Name: " + IQN, key + ": enabled", "Thin-Provision: disabled"]
+    info = parse.fields(out)
+    for ask in ("Multihost-access", "MultiHostAccess", "multihost access", "multihostaccess"):
+        assert parse.field(info, ask) == "enabled" and info[ask] == "enabled" and ask in info
+        assert info.get(ask) == "enabled"
+    assert parse.field(info, "thinprovision") == "disabled"
+    assert parse.field(info, "Snap-Reserve") == "" and parse.field(info, "x", "dflt") == "dflt"
+    assert parse.field(None, "Name") == "" and info.get("nothing") is None and "nothing" not in info
+    assert parse.field({"Multihost-access": "on"}, "multihost access") == "on"   # any dict
+    camel = [eql_cli.camel_key(k) + ": " + v for k, v in (ln.split(": ", 1) for ln in out)]
+    assert camel[1].startswith("iSCSIName: ")
+    assert eql_cli.camel_key("Multihost-access") == "MultiHostAccess"
+    assert parse.iqn_field(camel) == IQN == parse.iqn_field(out)
+    assert parse.field(parse.fields(camel), "thin-provision") == "disabled"
+
+
 def test_cinder_fixtures():
     assert parse.target_iqn(["iSCSI target name is iqn.2003-10.com.equallogic:group01:25366:fakev."]) == \
         "iqn.2003-10.com.equallogic:group01:25366:fakev"

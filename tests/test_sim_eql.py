@@ -15,6 +15,7 @@ import pytest
 
 from tests.oneutil import wait_for
 
+from oneiscsi.san import parse
 from oneiscsi.sim.eql import SESSION_LIMIT_LINE, EqlSim
 from oneiscsi.sim.eql_group import format_size
 from oneiscsi.sim.tgt import Tgtd
@@ -547,6 +548,57 @@ def test_fault_latency_and_fail_next(sim, clients):
     t0 = time.monotonic()
     ex(c, "whoami")
     assert time.monotonic() - t0 < 0.3
+
+
+def test_fault_latency_hits_only_chosen_commands(sim, clients):
+    c = clients(sim)
+    sim.faults.latency(0.6, r"^volume create", times=1)
+    t0 = time.monotonic()
+    ex(c, "whoami\nvolume show")
+    assert time.monotonic() - t0 < 0.5                   # other commands: no delay
+    t0 = time.monotonic()
+    assert ex(c, "volume create late.1 10")[0] == 0
+    assert time.monotonic() - t0 >= 0.6
+    t0 = time.monotonic()
+    assert ex(c, "volume create late.2 10")[0] == 0      # times=1: used up
+    assert time.monotonic() - t0 < 0.5
+    sim.faults.clear()
+
+
+def test_fault_latency_command_completes_after_the_client_left(sim, clients):
+    """A late group: the command runs after the sleep even though nobody reads the answer."""
+    c = clients(sim)
+    sim.faults.latency(0.8, r"^volume create")
+    ch = c.get_transport().open_session()
+    ch.exec_command("volume create late.3 10")
+    time.sleep(0.2)
+    c.close()
+    assert "late.3" not in sim.group.volumes
+    deadline = time.monotonic() + 5
+    while "late.3" not in sim.group.volumes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "late.3" in sim.group.volumes
+    sim.faults.clear()
+
+
+@pytest.mark.parametrize("spelling", ["hyphen", "camel"])
+def test_field_spelling_knob(sim, clients, spelling):
+    """Both spellings of detail-view field names are read alike by the driver's parser."""
+    sim.group.field_spelling = spelling
+    sh = Shell(clients(sim))
+    sh.run("stty columns 255")
+    sh.run("volume create sp.1 10 description 'x y' thin-provision")
+    sh.run("volume select sp.1 multihost-access enable")
+    out = sh.run("volume select sp.1 show")
+    key = "Multihost-access" if spelling == "hyphen" else "MultiHostAccess"
+    assert value(out, key) == "enabled"
+    assert not any(ln.startswith(("MultiHostAccess:" if spelling == "hyphen" else "Multihost-access:"))
+                   for ln in out)
+    info = parse.fields(out)
+    assert parse.field(info, "multihost access") == "enabled" == info["Multihost-access"]
+    assert parse.field(info, "thin provision") == "enabled" and info.get("Description") == "x y"
+    assert parse.iqn_field(out) == sim.group.volumes["sp.1"].iqn
+    assert parse.pool_space(sh.run("pool select default show"))[0] == 10 * 1024
 
 
 def test_fault_refuse_sessions(sim, clients):

@@ -97,8 +97,49 @@ class Group:
         return host if self.port == 22 else "%s:%d" % (host, self.port)
 
     @property
+    def identity(self) -> str:
+        """The group, whatever name or address the configuration uses for it: see group_identity."""
+        return group_identity(self.host, self.port)
+
+    @property
     def lock_name(self) -> str:
-        return "eql-sessions-%s-%d" % (self.host, self.port)
+        return "eql-sessions-%s" % self.identity
+
+
+_identities = {}
+
+
+def group_identity(host: str, port: int = 22) -> str:
+    """One key per group for the session semaphore and volume locks, so that an IP address
+    and a DNS name of one group share one limit: the address `host` resolves to (the
+    lowest IPv4 address, else the lowest IPv6 one, in canonical form) and the SSH port,
+    e.g. `192.0.2.10:22`, `[2001:db8::1]:22`. Resolved once per process; a name that does
+    not resolve keeps its lower-cased spelling (the connection will fail and say why)."""
+    import ipaddress
+    key = (host, int(port))
+    if key not in _identities:
+        name = host.strip().strip("[]")
+        addrs = []
+        try:
+            addrs.append(ipaddress.ip_address(name.split("%")[0]))
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(name, int(port), 0, socket.SOCK_STREAM)
+            except (OSError, UnicodeError):
+                infos = []
+            for info in infos:
+                try:
+                    addrs.append(ipaddress.ip_address(info[4][0].split("%")[0]))
+                except ValueError:
+                    pass
+        addrs = [a.ipv4_mapped if getattr(a, "ipv4_mapped", None) else a for a in addrs]
+        if addrs:
+            best = min(addrs, key=lambda a: (a.version, int(a)))
+            text = str(best) if best.version == 4 else "[%s]" % best
+        else:
+            text = name.lower().rstrip(".")
+        _identities[key] = "%s:%d" % (text, int(port))
+    return _identities[key]
 
 
 def _jitter(attempt: int) -> float:
@@ -348,6 +389,24 @@ class Session:
         info = parse.fields(out)
         info["iqn"] = _parsed(parse.iqn_field, out, "volume show")
         return info
+
+    def await_volume(self, name, wait: float):
+        """volume_info(name), asked again until the volume exists or `wait` seconds passed.
+
+        For the check after a create or clone whose answer never came (TransportError
+        `unsure`): the session that sent it is closed, so its reply can no longer reach
+        us, but nothing documents that a group stops a command when its CLI session goes
+        (equallogic-and-peers.md 2.2 and 5: cinder's with_timeout abandons the channel and
+        checks nothing), so the group may still finish it for a while."""
+        deadline = time.monotonic() + wait
+        pause = 0.25
+        while True:
+            info = self.volume_info(name)
+            left = deadline - time.monotonic()
+            if info is not None or left <= 0:
+                return info
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 5.0)
 
     def volumes(self) -> list:
         return _parsed(parse.volume_table, self.run(cli.volume_list()), "volume show")

@@ -93,11 +93,48 @@ def target_iqn(out: list, width: int = COLUMNS) -> str:
     return iqn
 
 
-def fields(out: list) -> dict:
-    """`Key: value` lines of a detail view (volume/pool/snapshot show) -> {key: value}.
+def field_key(name: str) -> str:
+    """A field name as a person reads it: case, hyphens, underscores and blanks ignored
+    (`Multihost-access`, `MultiHostAccess` and `multihost access` are one field)."""
+    return re.sub(r"[\s_-]+", "", name).lower()
 
-    Indented continuation lines are joined with one blank; use `iqn_field` for names."""
-    result = {}
+
+class Fields(dict):
+    """`Key: value` pairs as the group printed them; lookups (`[]`, `get`, `in`) match
+    keys by `field_key`, so either spelling of a field is found."""
+
+    def _key(self, name):
+        if dict.__contains__(self, name):
+            return name
+        want = field_key(name)
+        return next((k for k in self if field_key(k) == want), name)
+
+    def __getitem__(self, name):
+        return dict.__getitem__(self, self._key(name))
+
+    def __contains__(self, name):
+        return dict.__contains__(self, self._key(name))
+
+    def get(self, name, default=None):
+        return dict.get(self, self._key(name), default)
+
+
+def field(info, name: str, default: str = "") -> str:
+    """The value of field `name` of a detail view (a dict from `fields` or any dict),
+    matched by `field_key`; `default` when absent."""
+    if info is None:
+        return default
+    want = field_key(name)
+    return next((v for k, v in info.items() if field_key(k) == want), default)
+
+
+def fields(out: list) -> Fields:
+    """`Key: value` lines of a detail view (volume/pool/snapshot show) -> Fields {key: value}.
+
+    Indented continuation lines are joined with one blank; use `iqn_field` for names.
+    Look fields up with `field(info, "multihost access")` (or `info["Multihost-access"]`):
+    the spelling of a name (case, hyphens, blanks) does not matter."""
+    result = Fields()
     for first, conts in _records(out):
         key, sep, value = first.partition(":")
         if not sep or not key.strip() or len(key) > 40:
@@ -107,11 +144,16 @@ def fields(out: list) -> dict:
 
 
 def iqn_field(out: list, width: int = COLUMNS) -> str:
-    """`iSCSI Name: <iqn>` of `volume select V show`, re-joined when wrapped or cut."""
-    iqn = _iqn_after(out, "iSCSI Name:", width)
-    if iqn is None:
-        raise ParseError("no 'iSCSI Name:' line")
-    return iqn
+    """`iSCSI Name: <iqn>` (any spelling of the field name) of `volume select V show`,
+    re-joined when wrapped or cut."""
+    for i, line in enumerate(out):
+        key, sep, rest = line.partition(":")
+        if sep and field_key(key) == "iscsiname":
+            token = "".join((rest + "".join(_continuation(out, i, width))).split())
+            if token.lower().startswith(("iqn.", "eui.", "naa.")):
+                return token
+            raise ParseError("no iSCSI name after %r" % key.strip())
+    raise ParseError("no 'iSCSI Name:' line")
 
 
 def size_mb(text: str) -> int:

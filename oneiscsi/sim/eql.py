@@ -71,6 +71,7 @@ class Faults:
             self._drop_after = None
             self._drop_mid = None
             self._latency = 0.0
+            self._slow = []         # [regex, seconds, times left or None]
             self._fail = []
             self._refuse = False
             self._refuse_limit = None
@@ -87,10 +88,16 @@ class Faults:
         with self._lock:
             self._drop_mid = re.compile(pattern)
 
-    def latency(self, sec: float):
-        """Sleep sec seconds before every command."""
+    def latency(self, sec: float, pattern: str | None = None, times: int | None = None):
+        """Sleep sec seconds before running a command: every command, or (pattern) only
+        the next `times` commands matching that regex (all of them when times is None).
+        The command still runs after the sleep, even when the client has gone: a late
+        group.  Latencies of several patterns add up with the one for every command."""
         with self._lock:
-            self._latency = float(sec)
+            if pattern is None:
+                self._latency = float(sec)
+            else:
+                self._slow.append([re.compile(pattern), float(sec), None if times is None else int(times)])
 
     def fail_next(self, pattern: str, message: str, times: int = 1):
         """The next `times` commands matching regex pattern are not run; they print
@@ -117,6 +124,13 @@ class Faults:
         """-> (action, message, delay): action None, 'drop', 'fail' or 'drop_mid'."""
         with self._lock:
             delay = self._latency
+            for entry in list(self._slow):
+                if entry[0].search(line):
+                    delay += entry[1]
+                    if entry[2] is not None:
+                        entry[2] -= 1
+                        if entry[2] <= 0:
+                            self._slow.remove(entry)
             if self._drop_after is not None:
                 if self._drop_after <= 0:
                     self._drop_after = None
@@ -547,6 +561,10 @@ def main(argv=None) -> int:
     p.add_argument("--drop-after", type=int, metavar="N")
     p.add_argument("--drop-mid-output", metavar="REGEX")
     p.add_argument("--latency", type=float, metavar="SEC")
+    p.add_argument("--slow", nargs=2, action="append", default=[], metavar=("REGEX", "SEC"),
+                   help="sleep SEC before every command matching REGEX")
+    p.add_argument("--field-spelling", choices=("hyphen", "camel"), default="hyphen",
+                   help="field names of detail views: Multihost-access (hyphen) or MultiHostAccess")
     p.add_argument("--fail", nargs=2, action="append", default=[], metavar=("REGEX", "MESSAGE"))
     p.add_argument("--fail-times", type=int, default=1)
     p.add_argument("--refuse-sessions", action="store_true")
@@ -570,6 +588,9 @@ def main(argv=None) -> int:
         f.drop_mid_output(a.drop_mid_output)
     if a.latency:
         f.latency(a.latency)
+    for regex, sec in a.slow:
+        f.latency(float(sec), regex)
+    sim.group.field_spelling = a.field_spelling
     for regex, message in a.fail:
         f.fail_next(regex, message, a.fail_times)
     if a.refuse_sessions:

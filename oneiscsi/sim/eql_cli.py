@@ -28,6 +28,7 @@ Behaviour worth knowing when writing a client against it:
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from .eql_group import CliError, format_size
@@ -41,6 +42,15 @@ SETTINGS = ("paging", "confirmation", "events", "formatoutput", "displayinMB", "
 def _header(title):
     left = 29
     return "_" * left + " " + title + " " + "_" * max(1, 79 - left - len(title) - 2)
+
+
+_CAMEL_WORDS = {"multihost": "MultiHost", "iscsi": "iSCSI"}
+
+
+def camel_key(key):
+    """`Multihost-access` -> `MultiHostAccess`, `iSCSI Name` -> `iSCSIName`: the other
+    spelling of detail-view field names (Group.field_spelling = "camel")."""
+    return "".join(_CAMEL_WORDS.get(p.lower(), p[:1].upper() + p[1:]) for p in re.split(r"[-\s]+", key) if p)
 
 
 def tokenize(line):
@@ -116,6 +126,16 @@ class CliSession:
     def size(self, mb):
         return format_size(mb, self.settings["displayinMB"])
 
+    def _detail(self, lines):
+        """A detail view (header, then `Key: value` lines) in the group's field spelling."""
+        if getattr(self.group, "field_spelling", "hyphen") != "camel":
+            return Result(lines)
+        out = lines[:1]
+        for line in lines[1:]:
+            key, sep, value = line.partition(": ")
+            out.append(camel_key(key) + sep + value if sep else line)
+        return Result(out)
+
     # ----------------------------------------------------------- dispatch
     def execute(self, line) -> Result:
         try:
@@ -189,7 +209,7 @@ class CliSession:
             return Result()
         _end(w, 2)
         g = self.group
-        return Result([_header("Group Information"), "Group-Name: " + g.name,
+        return self._detail([_header("Group Information"), "Group-Name: " + g.name,
                        "Group-Ipaddress: " + g.ip, "Def-Snap-Reserve: 100%",
                        "Def-Snap-Warn: 10%", "Def-Snap-Depletion: delete-oldest",
                        "Def-Thin-Growth-Warn: 60%", "Def-Thin-Growth-Max: 100%",
@@ -231,7 +251,7 @@ class CliSession:
     def _pool_detail(self, name):
         u = self.group.pool_usage(name)
         s = self.size
-        return Result([_header("Pool Information"), "Name: " + name,
+        return self._detail([_header("Pool Information"), "Name: " + name,
                        "Default: " + str(name == self.group.default_pool()).lower(),
                        "Description: ", "Members: 1", "Volumes: %d" % u["volumes"],
                        "Snapshots: %d" % u["snapshots"], "TotalCapacity: " + s(u["total"]),
@@ -340,7 +360,7 @@ class CliSession:
         s = self.size
         status = "online" if v.online else "offline"
         reserve = v.space_mb()
-        return Result([
+        return self._detail([
             _header("Volume Information"), "Name: " + v.name, "Size: " + s(v.size_mb),
             "VolReserve: " + s(reserve), "VolReserveInUse: " + s(reserve),
             "ReplReserveInUse: 0MB", "iSCSI Alias: " + v.name, "iSCSI Name: " + v.iqn,
@@ -499,7 +519,7 @@ class CliSession:
 
     def _snapshot_detail(self, s):
         status = "online" if s.online else "offline"
-        return Result([
+        return self._detail([
             _header("Snapshot Information"), "Name: " + s.name,
             "Timestamp: " + time.strftime("%Y-%m-%d:%H:%M:%S", time.localtime(s.created)),
             "Size: " + self.size(s.size_mb), "Status: " + status,

@@ -179,6 +179,9 @@ class Group:
         self.volumes = {}           # name -> Volume
         self.chapusers = {}         # name -> password
         self._snap_seq = 0
+        # detail views (volume/pool/snapshot show) print field names "hyphen"
+        # (`Multihost-access:`) or "camel" (`MultiHostAccess:`), as firmware versions may
+        self.field_spelling = "hyphen"
         self._blind_secret = _random_password(24)   # CHAP secret for unknown users
         self.voldir = None          # backing files exist only with a tgtd
         if tgtd is not None:

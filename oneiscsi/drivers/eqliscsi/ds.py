@@ -47,7 +47,7 @@ from oneiscsi import config, log, validate
 from oneiscsi.drivers.eqliscsi import common, source, write
 from oneiscsi.errors import Failure, Invalid, NotSupported
 from oneiscsi.one.version import remotes_dir
-from oneiscsi.san import cli, client
+from oneiscsi.san import cli, client, parse
 
 MiB = source.MiB
 MKFS = {"ext2": ["mkfs.ext2", "-F", "-q"], "ext3": ["mkfs.ext3", "-F", "-q"],
@@ -91,7 +91,7 @@ class NewVolume:
             try:
                 with client.session(self.group) as s:
                     try:
-                        iqn = make(s)
+                        iqn = self._make(s, make)
                     except client.TransportError as e:
                         self.unsure = e.unsure
                         raise
@@ -115,6 +115,28 @@ class NewVolume:
                     log.error(suffix.lstrip("; "))
                 raise
 
+    def _make(self, s, make) -> str:
+        """make(s). When the group refuses it and a volume of this name exists with exactly
+        this action's description, no connection and no snapshot, an earlier attempt for
+        this image left it (a create the group finished after its answer was lost): it is
+        deleted and made again (made again, not reused: its size, pool and access follow
+        today's settings, and no half-written data stays)."""
+        try:
+            return make(s)
+        except client.CliError as e:
+            try:
+                info = s.volume_info(self.name)
+            except Failure:
+                info = None
+            if not (info and parse.field(info, "description") == self.description
+                    and parse.field(info, "connections", "0").strip() == "0"
+                    and parse.field(info, "snapshots", "0").strip() == "0"):
+                raise e from None
+        log.warn("volume %s exists with this image's description, no connection and no snapshot: an earlier "
+                 "attempt left it; deleting and creating it again" % self.name)
+        s.delete_volume(self.name)
+        return make(s)
+
     def _access(self, s) -> None:
         s.set_multihost(self.name, self.cfg.multihost)
         for rec in self.cfg.access:
@@ -129,9 +151,10 @@ class NewVolume:
         try:
             with client.session(self.group) as s:
                 if not self.created:
-                    info = s.volume_info(self.name)
+                    info = s.await_volume(self.name, self.group.timeout)
                     if info is None:
-                        return ""
+                        return ("; volume %s did not appear within %d s after that: if the group still "
+                                "creates it, delete it on the group" % (self.name, self.group.timeout))
                     if info.get("Description", "") != self.description:
                         return "; a volume %s exists that this action did not create: left alone" % self.name
                 s.delete_volume(self.name)

@@ -1,19 +1,43 @@
 """Writing a volume through qemu-img's own iSCSI initiator (libiscsi): from the frontend,
-or from the first reachable BRIDGE_LIST host (the file is sent there over ssh first)."""
+or from the first reachable BRIDGE_LIST host (the file is sent there over ssh first).
+
+A local write that makes no progress for EQL_WRITE_STALL seconds (default 120) is killed
+with its whole process group, and the action fails (and undoes) as on any other failure:
+a target that stopped answering must not hold the volume lock forever. Progress is a new
+percentage printed by qemu-img or at least 1 MiB more moved by it (/proc/PID/io `rchar`
++ `wchar`, which count socket traffic too; measured: with 16 requests in flight qemu-img
+reads a small source at once and prints 100%, then only its socket writes move). A
+target that stopped answering lets nothing more through once the TCP buffers are full,
+and keep-alive or login packets are far below 1 MiB. A no-progress limit, not a total
+one, so a slow but moving copy of a large image never fails.
+"""
 from __future__ import annotations
 
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 
 from oneiscsi import log, validate
 from oneiscsi.drivers.eqliscsi.source import MiB, QEMU_IMG, Source, _rate, _unlink, last_line
 from oneiscsi.errors import Failure
 from oneiscsi.san import cli
+
+STALL = 120  # seconds without progress before a local qemu-img convert is killed
+
+
+def _stall(cfg) -> int:
+    """EQL_WRITE_STALL when the configuration knows the key, else STALL."""
+    try:
+        value = (cfg["EQL_WRITE_STALL"] or "").strip()
+    except (KeyError, TypeError):
+        value = ""
+    return validate.number(value, "EQL_WRITE_STALL", 5, 86400) if value else STALL
 
 
 def _bridges(datastore) -> list:
@@ -33,6 +57,7 @@ class Writer:
         self.initiator = cfg.initiator()
         self.user = cfg.chap_user
         self.password = cfg.chap_password() if self.user else ""
+        self.stall = _stall(cfg)
 
     def opts(self, lun) -> str:
         o = "driver=iscsi,transport=tcp,portal=%s,target=%s,lun=%s,initiator-name=%s" % (
@@ -70,7 +95,8 @@ def write_local(w: Writer, src: Source, zero_target=False) -> None:
         lun = _find_lun(w, src.size, secret_path)
         log.info("writing %d MB (%s) to %s LUN %s" % (math.ceil(src.size / MiB), src.fmt, w.iqn, lun))
         started = time.monotonic()
-        _convert_with_progress(convert_argv(w, src.path, src.fmt, lun, secret_path, zero_target))
+        _convert_with_progress(convert_argv(w, src.path, src.fmt, lun, secret_path, zero_target), w.stall,
+                               "%s on %s" % (w.iqn, w.portal))
         took = max(time.monotonic() - started, 1e-6)
         log.info("wrote %d MB in %.2f s (%.0f MiB/s)" % (math.ceil(src.size / MiB), took, src.size / MiB / took))
     finally:
@@ -108,16 +134,66 @@ def _find_lun(w: Writer, need: int, secret_path) -> int:
     return found
 
 
-def _convert_with_progress(argv) -> None:
+def _io_bytes(pid: int):
+    """Bytes process `pid` passed to read and write calls (files and sockets), or None."""
     try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        with open("/proc/%d/io" % pid) as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["rchar"]) + int(fields["wchar"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _kill_group(proc) -> None:
+    """SIGKILL to the process group of `proc` (its own session), while it is not reaped."""
+    if proc.returncode is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:  # already gone
+        pass
+
+
+class _Watchdog:
+    """Kills the process group of `proc` when it makes no progress for `stall` seconds."""
+
+    def __init__(self, proc, stall: float):
+        self.proc, self.stall, self.fired = proc, float(stall), False
+        self.last = time.monotonic()
+        self._read = _io_bytes(proc.pid)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def progress(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(1.0, self.stall / 10)):
+            read = _io_bytes(self.proc.pid)
+            if read is not None and (self._read is None or read >= self._read + MiB):
+                self._read = read
+                self.progress()
+            if time.monotonic() - self.last >= self.stall:
+                self.fired = True
+                _kill_group(self.proc)
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def _convert_with_progress(argv, stall: float = STALL, target: str = "the volume") -> None:
+    try:  # its own process group: everything it starts dies with it
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     except FileNotFoundError:
         raise Failure("%s is not installed on the frontend" % argv[0]) from None
-    import threading
     err = []
     t = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
     t.start()
-    step, pending = 10, b""
+    dog = _Watchdog(proc, stall)
+    step, pending, pct = 10, b"", -1.0
     try:
         while True:
             data = proc.stdout.read1(4096)
@@ -125,17 +201,26 @@ def _convert_with_progress(argv) -> None:
                 break
             pending = (pending + data)[-256:]
             for m in re.finditer(rb"\((\d+(?:\.\d+)?)/100%\)", pending):
-                pct = float(m.group(1))
+                now = float(m.group(1))
+                if now > pct:
+                    pct = now
+                    dog.progress()
                 while pct >= step and step < 100:
                     log.info("copied %d%%" % step)
                     step += 10
             pending = pending[-32:]
         rc = proc.wait()
     except BaseException:  # interrupted (oned's timeout, ^C): the copy must not outlive us
-        proc.kill()
+        _kill_group(proc)
         proc.wait()
         raise
+    finally:
+        dog.stop()
     t.join(5)
+    if dog.fired:
+        raise Failure("qemu-img convert made no progress for %d s (at %s%%): the iSCSI target %s stopped "
+                      "answering; killed it (check the group and the network; EQL_WRITE_STALL sets the "
+                      "limit)" % (stall, "%.0f" % max(pct, 0), target))
     if rc != 0:
         msg = last_line(err[0].decode("utf-8", "replace") if err else "")
         raise Failure("qemu-img convert failed: %s" % (log.mask(msg) or "exit code %d" % rc))
