@@ -46,13 +46,9 @@ def clone_name(volume: str, vmid, disk_id=None) -> str:
 
 
 def field(info: dict, name: str) -> str:
-    """A field of `volume select X show` read as a person reads it: case, spaces and hyphens
-    ignored (`Multihost-access:` and `MultiHostAccess:` are one field)."""
-    want = re.sub(r"[\s_-]+", "", name).lower()
-    for k, v in (info or {}).items():
-        if re.sub(r"[\s_-]+", "", k).lower() == want:
-            return v or ""
-    return ""
+    """A field of `volume select X show`, whatever its spelling (san.parse.field)."""
+    from oneiscsi.san import parse
+    return parse.field(info, name) or ""
 
 
 def connections(info: dict) -> int:
@@ -101,10 +97,13 @@ def _from_iqn(iqn: str, what: str) -> str:
     return cli.volume(m.group(1).lower(), what)
 
 
-def volume_lock(group_address: str, volume: str, wait: float):
-    """Exclusive lock on one volume of one group, across processes (hold it while changing it)."""
-    return locks.lock("eql-volume-%s-%s" % (group_address, volume), wait,
-                      "volume %s on group %s" % (volume, group_address))
+def volume_lock(group, volume: str, wait: float):
+    """Exclusive lock on one volume of one group, across processes of this frontend (hold it
+    while changing it). `group`: a san.client.Group, keyed by its identity (one key whatever
+    name or address a datastore uses for the group)."""
+    key = group.identity
+    return locks.lock("eql-volume-%s-%s" % (key, volume.lower()), wait,
+                      "volume %s on group %s" % (volume, group.address))
 
 
 # ---- what the TM actions share: the volume of a VM disk, its settings, host access ------

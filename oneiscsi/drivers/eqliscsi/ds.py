@@ -87,7 +87,7 @@ class NewVolume:
         self.record = None
 
     def run(self, make, fill=None) -> str:
-        with common.volume_lock(self.group.address, self.name, self.cfg.lock_wait):
+        with common.volume_lock(self.group, self.name, self.cfg.lock_wait):
             try:
                 with client.session(self.group) as s:
                     try:
@@ -272,7 +272,7 @@ def ds_rm(call):
     ds, cfg = _setup(call)
     name = image_volume(ds.image)
     group = cfg.group()
-    with common.volume_lock(group.address, name, cfg.lock_wait):
+    with common.volume_lock(group, name, cfg.lock_wait):
         with client.session(group) as s:
             info = s.volume_info(name)
             if info is None:
@@ -334,7 +334,7 @@ def _snap_target(call):
 def ds_snap_delete(call):
     cfg, name, snap = _snap_target(call)
     group = cfg.group()
-    with common.volume_lock(group.address, name, cfg.lock_wait):
+    with common.volume_lock(group, name, cfg.lock_wait):
         with client.session(group) as s:
             if not s.delete_snapshot(name, snap):
                 log.warn("snapshot %s of volume %s does not exist: nothing to delete" % (snap, name))
@@ -385,7 +385,7 @@ def _new_snapshots(s, name, before) -> list:
 def ds_snap_revert(call):
     cfg, name, snap = _snap_target(call)
     group = cfg.group()
-    with common.volume_lock(group.address, name, cfg.lock_wait):
+    with common.volume_lock(group, name, cfg.lock_wait):
         with client.session(group) as s:
             revert(s, name, snap)
     log.info("volume %s reverted to %s" % (name, snap))
@@ -394,7 +394,7 @@ def ds_snap_revert(call):
 def ds_snap_flatten(call):
     cfg, name, snap = _snap_target(call)
     group = cfg.group()
-    with common.volume_lock(group.address, name, cfg.lock_wait):
+    with common.volume_lock(group, name, cfg.lock_wait):
         with client.session(group) as s:
             revert(s, name, snap)
             try:

@@ -192,7 +192,7 @@ def _sessions(fix, hosts, need, groups, counts) -> None:
 def _fix_session(host, vol, iqn, owner) -> bool:
     from oneiscsi.host import iscsi as hostiscsi
     cfg, group, info = owner
-    with common.volume_lock(group.address, vol, cfg.lock_wait):
+    with common.volume_lock(group, vol, cfg.lock_wait):
         if host in users_now(_one(), info, vol):
             log.warn("volume %s is used on %s now: left logged in" % (vol, host))
             return False
@@ -230,7 +230,7 @@ def _access(fix, hosts, need, groups, counts) -> None:
                     counts[0] += 1
                     fixed = False
                     if fix:
-                        with common.volume_lock(group.address, vol, cfg.lock_wait):
+                        with common.volume_lock(group, vol, cfg.lock_wait):
                             if host not in users_now(_one(), info, vol):
                                 fixed = s.delete_access(vol, rec["id"]) or True
                     counts[1] += not fixed

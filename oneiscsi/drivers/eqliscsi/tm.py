@@ -359,8 +359,9 @@ def _ipv4(host: str) -> str:
 def locked(targets):
     """The volume locks of `targets` (every candidate name, sorted: no deadlock)."""
     with contextlib.ExitStack() as stack:
-        for address, name, wait in sorted({(t.group.address, n, t.cfg.lock_wait) for t in targets for n in t.names}):
-            stack.enter_context(common.volume_lock(address, name, wait))
+        wanted = {(t.group.identity, n.lower()): (t.group, n, t.cfg.lock_wait) for t in targets for n in t.names}
+        for key in sorted(wanted):
+            stack.enter_context(common.volume_lock(*wanted[key]))
         yield
 
 
@@ -663,7 +664,7 @@ def tm_cpds(call):
     snap = common.snapshot_name(snap_id) if snap_id >= 0 else None
     if any(usage.same_volume(new, n) for n in t.names + [t.source]):
         raise Invalid("the new image's volume %s is the disk's own volume" % new)
-    with locked([t]), common.volume_lock(t.group.address, new, t.cfg.lock_wait), client.session(t.group) as s:
+    with locked([t]), common.volume_lock(t.group, new, t.cfg.lock_wait), client.session(t.group) as s:
         resolve(s, t)
         _copy_volume(s, t, new, snap, "OpenNebula image saved from VM %d disk %s" % (vmid, t.did))
 
