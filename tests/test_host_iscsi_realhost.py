@@ -18,6 +18,7 @@ from oneiscsi import log
 from oneiscsi.errors import Failure
 from oneiscsi.host import iscsi
 from oneiscsi.host.iscsi import Chap, Volume
+import tests.realhost as realhost_tests
 from tests.realhost import probe
 
 pytestmark = pytest.mark.realhost
@@ -43,7 +44,7 @@ def rig(tmp_path_factory):
     from oneiscsi.sim.tgt import Tgtd
     ok, why = realhost.available()
     if not ok:
-        pytest.skip("real-kernel host unavailable: " + why)
+        realhost_tests.unavailable(why)
     work = tmp_path_factory.mktemp("hsreal")
     lab = Lab(str(work / "lab"), hosts=("sa1",))
     tgtd = rh = None

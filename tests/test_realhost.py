@@ -24,6 +24,7 @@ import pytest
 from oneiscsi.sim import realhost
 from oneiscsi.sim.realhost import RealHost
 from oneiscsi.sim.tgt import Tgtd
+import tests.realhost as realhost_tests
 from tests.realhost import probe
 
 LOCKDIR = "/tmp/oneiscsi-locks"
@@ -39,6 +40,15 @@ def test_build_key_is_stable_and_covers_inputs(monkeypatch):
     assert k == realhost.build_key() and len(k) == 16
     monkeypatch.setattr(realhost, "PACKAGES", realhost.PACKAGES + ("python3",))
     assert realhost.build_key() != k
+
+
+@pytest.mark.parametrize("ci,outcome", [("true", "fail"), ("1", "fail"), ("", "skip"), ("false", "skip")])
+def test_unavailable_guest_fails_under_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+    monkeypatch.setenv("CI", ci)
+    exc = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
+    with pytest.raises(exc) as ei:
+        realhost_tests.unavailable("no /dev/net/tun")
+    assert "no /dev/net/tun" in str(ei.value)
 
 
 @pytest.mark.parametrize("kw", [
@@ -145,7 +155,7 @@ def _bridge():
 def lab(tmp_path_factory):
     ok, why = realhost.available()
     if not ok:
-        pytest.skip("real-kernel host unavailable: " + why)
+        realhost_tests.unavailable(why)
     t0 = time.monotonic()
     image = realhost.build_image()
     print("image %s: %s in %.1f s" % (image["key"], "built" if image["built"] else "cached",
