@@ -96,6 +96,7 @@ def test_config_disk_places_rules_keys_and_initiator(tmp_path):
         assert m["usr/local/sbin/y"].mode == 0o755
         assert m["etc/ssh/ssh_host_ed25519_key"].mode == 0o600
         assert m["var/lib/one/.ssh/authorized_keys"].uid == realhost.ONEADMIN_UID
+        assert (m["etc/iscsi/initiatorname.iscsi"].mode, m["etc/iscsi/initiatorname.iscsi"].uid) == (0o600, 0)
         ini = tf.extractfile("etc/iscsi/initiatorname.iscsi").read().decode()
         assert ini == "InitiatorName=%s\n" % h.initiator_name
     with pytest.raises(ValueError):
@@ -346,6 +347,10 @@ def test_open_iscsi_exit_codes(probed):
     assert rc["node_show_unknown"] == 21    # no record
     assert rc["node_delete"] == 0
     assert rc["node_show_deleted"] == 21
+    # discovery record + -o new's old-style file: the first update converts, and exits 6
+    # when the directory lists the tpgt entry first (open-iscsi 2.1.8 idbm_for_each_iface)
+    assert rc["chap_method"] == (6 if probe.tpgt_entry_first(probed["res"]) else 0)
+    assert len(probed["res"]["order_after"].split()) == 1
     assert probed["summary"]["exit_codes"] == dict(sorted(rc.items()))
 
 
