@@ -284,6 +284,25 @@ def test_initiator_name_read_and_one_clear_line_when_root_only(env):
 
 
 @needs_root
+def test_chap_attach_over_a_discovered_and_an_old_style_record(env):
+    """Both record layouts of one portal (discovery's <ip>,<port>,1/default and -o new's
+    old-style file): the CHAP lines go into both, the update that converts them may exit 6
+    once (retried), the login uses CHAP, one record is left."""
+    user, pw = "hvuser", "pw" + secrets.token_hex(8)
+    t = env.target(chap=(user, pw))
+    h = env.host()
+    n = "iscsiadm -m node -T %s -p %s" % (t.iqn, env.tgtd.portal)
+    h.run("%s,1 -o new && %s -o new" % (n, n), user="oneadmin")
+    assert len(h.run(n + " -o show", user="oneadmin").stdout.split("# BEGIN RECORD")) == 3
+    devs = iscsi.attach("host1", [t(link=DISK % (11, 0))], chap=Chap(user, pw))
+    assert env.tgtd.sessions(t.iqn) == 1 and env.link("host1", DISK % (11, 0)) == devs[t.name]
+    shown = h.run(n + " -o show -S", user="oneadmin").stdout
+    assert shown.count("# BEGIN RECORD") == 1 and "node.tpgt = 1\n" in shown
+    assert "node.session.auth.password = %s\n" % pw in shown
+    iscsi.detach("host1", [t()])
+
+
+@needs_root
 def test_chap_attach_and_wrong_password(env, capsys):
     user, pw = "hvuser", "pw" + secrets.token_hex(8)
     t = env.target(chap=(user, pw))
