@@ -7,9 +7,16 @@
 * image template: only the per-volume settings IMAGE_KEYS (an image's owner must
   not redirect the SAN login or its password file).
 
-Secrets: a conf file holding EQL_PASS, and the files named by EQL_PASS_FILE and
-EQL_CHAP_PASS_FILE, must not be readable by group or others (refused with the path
-and the fix). Passwords are registered with log.secret() as soon as they are read.
+Secrets: a conf file holding EQL_PASS, and the files named by EQL_PASS_FILE,
+EQL_KEY and EQL_CHAP_PASS_FILE, must not be readable by group or others (refused with
+the path and the fix). Passwords are registered with log.secret() as soon as they are read.
+
+The SAN credential itself (EQL_PASS, or key material in EQL_KEY) is accepted only from
+the 0600 eqliscsi.conf: a datastore template is shown to every user with USE on the
+datastore (`onedatastore show`) and travels on the action's argv up to 6.6, an image
+template to the image's users; there it is refused with one line naming where it
+belongs. File *names* (EQL_PASS_FILE, EQL_KEY as a path) may come from the datastore
+template; the file must then be 0600 (or tighter).
 """
 from __future__ import annotations
 
@@ -82,7 +89,7 @@ def parse_conf(text: str, path: str = "eqliscsi.conf") -> dict:
 def _private(path: str, what: str, st=None) -> None:
     st = st or os.stat(path)
     if st.st_mode & 0o044:
-        raise Invalid("%s %s is readable by group or others (mode %04o) and holds a password: "
+        raise Invalid("%s %s is readable by group or others (mode %04o) and holds a secret: "
                       "run chmod 600 %s" % (what, path, stat.S_IMODE(st.st_mode), path))
 
 
@@ -115,6 +122,16 @@ def load_conf(path: str) -> dict:
         log.secret(values["EQL_PASS"])
         _private(path, "the configuration file", st)
     return values
+
+
+def _credential_in_template(key: str, value: str, where: str, conf: str):
+    """None, or the one-line refusal of a SAN credential found in a template."""
+    if not (key == "EQL_PASS" or key == "EQL_KEY" and ("\n" in value or "PRIVATE KEY" in value)):
+        return None
+    log.secret(value)
+    return Invalid("%s is refused in the %s template (every user who can read the template sees it): "
+                   "put the password in %s (mode 0600) or in a 0600 file named by EQL_PASS_FILE, "
+                   "a key in a 0600 file named by EQL_KEY" % (key, where, conf))
 
 
 def _number(values, key, lo, hi) -> int:
@@ -173,6 +190,10 @@ class EqlConfig:
                     _private(self.sources["conf"], "the configuration file")
             if v["EQL_KEY"]:
                 key = os.path.expanduser(v["EQL_KEY"])
+                try:
+                    _private(key, "EQL_KEY", os.stat(key))
+                except OSError:
+                    raise Invalid("EQL_KEY %s is not a readable file" % validate.show(key)) from None
                 if not os.path.isfile(key):
                     raise Invalid("EQL_KEY %s is not a readable file" % validate.show(key))
             if not password and not key:
@@ -233,12 +254,18 @@ def load(remotes: str, datastore=None, image=None) -> EqlConfig:
         for key in DEFAULTS:
             value = datastore.tpl(key)
             if value:
+                refused = _credential_in_template(key, value, "datastore", path)
+                if refused:
+                    raise refused
                 values[key], sources[key] = value, "datastore"
     if image is not None:
         for key in DEFAULTS:
             value = image.tpl(key)
             if not value:
                 continue
+            refused = _credential_in_template(key, value, "image", path)
+            if refused:
+                raise refused
             if key in IMAGE_KEYS:
                 values[key], sources[key] = value, "image"
             else:

@@ -14,11 +14,21 @@ Where log lines go depends on what the calling oned does with stderr
   (one.version.Wire.stderr_logs; per-version model: tests/onedmodel.py)
 
 Every line written anywhere passes through `mask()`: values registered with
-`secret()` (passwords, CHAP secrets) are replaced by `****`.
+`secret()` (passwords, CHAP secrets) are replaced by `****`, and every word that
+is base64 of text (oned's DS_DRIVER_ACTION_DATA and VM templates travel on argv
+that way, before any secret in them is known) is replaced by
+`[base64, N chars, not logged]`: masking cannot see a secret inside an encoding,
+so encoded data is never written at all.
+
+The log file is created mode 0640 whatever the umask (and a looser existing file
+of ours is narrowed to 0640): it holds host names, IQNs and host script output.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
 import sys
 import time
 
@@ -40,10 +50,44 @@ def secret(value) -> None:
         _secrets.add(str(value))
 
 
+LOGFILE_MODE = 0o640
+# a word of the base64 alphabet long enough to hide a secret (16 chars = 12 bytes)
+_B64_WORD = re.compile(r"(?<![A-Za-z0-9+/=])[A-Za-z0-9+/]{16,}={0,2}(?![A-Za-z0-9+/=])")
+
+
+def _b64_text(word: str) -> bool:
+    """True when `word` decodes as base64 to printable text (never true for paths or IQNs,
+    whose '/', '.' and ':' break the word or make its decoding binary noise)."""
+    if len(word) % 4:
+        return False
+    try:
+        raw = base64.b64decode(word, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return False
+    return all(c.isprintable() or c in "\t\r\n" for c in raw)
+
+
+def _hide_b64(m) -> str:
+    word = m.group(0)
+    return "[base64, %d chars, not logged]" % len(word) if _b64_text(word) else word
+
+
 def mask(text: str) -> str:
     for s in sorted(_secrets, key=len, reverse=True):
         text = text.replace(s, "****")
-    return text
+    return _B64_WORD.sub(_hide_b64, text)
+
+
+def _open_private(path: str):
+    """Append to `path`, created 0640 whatever the umask; a looser file we own is narrowed."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), LOGFILE_MODE)
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o7137 and st.st_uid == os.geteuid():
+            os.fchmod(fd, st.st_mode & LOGFILE_MODE)
+    except OSError:
+        pass
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def _logfile():
@@ -52,7 +96,7 @@ def _logfile():
         path = os.environ.get("ONEISCSI_LOG", DEFAULT_LOGFILE)
         if path and path != "-":
             try:
-                _state["file"] = open(path, "a", encoding="utf-8")
+                _state["file"] = _open_private(path)
             except OSError:
                 _state["file"] = None
     return _state["file"]

@@ -227,6 +227,81 @@ def test_attach_twice_keeps_one_session(env):
     assert len(env.state(iqn=t.iqn)[0]) == 1
 
 
+def test_the_chap_password_reaches_no_command_line_on_the_host(monkeypatch):
+    """In the rendered attach script "$CHAP_PASS" is used once: as an argument of printf,
+    a builtin of the host's sh (dash, bash), piped into `tee -a <record file>`."""
+    v = Volume("10.0.0.5:3260", "iqn.2024-01.org.x:y", "v1")
+    script = _render(monkeypatch, iscsi.attach, [v], Chap("u", "pw-x"))
+    uses = [line for line in script.splitlines() if "CHAP_PASS" in line]
+    assert uses == ["CHAP_PASS=$(cat <<'ONEISCSI_EOF'", '      "$CHAP_USER" "$CHAP_PASS" | $SUDO tee -a "$f" > /dev/null 2> "$T/$N.tee" ||']
+    prev = script.splitlines()[script.splitlines().index(uses[1]) - 1]
+    assert prev.strip().startswith("printf 'node.session.auth.authmethod = CHAP") and prev.endswith("\\")
+    for shell in ("dash", "bash"):
+        r = subprocess.run([shell, "-c", "type printf"], capture_output=True, text=True)
+        assert "builtin" in r.stdout, (shell, r.stdout)
+
+
+def test_sudoers_line_names_each_command_and_keeps_the_record_rule_last():
+    line = iscsi.SUDOERS_LINE
+    assert line.startswith("oneadmin ALL=(root) NOPASSWD: /usr/sbin/iscsiadm, ")
+    assert "/usr/bin/cat /etc/iscsi/initiatorname.iscsi, " in line
+    # tags carry over to later commands: the tagged tee rule is the last one
+    assert line.endswith("NOLOG_INPUT: NOLOG_OUTPUT: /usr/bin/tee " + iscsi.NODE_RECORD_RE)
+    import re
+    rx = re.compile(iscsi.NODE_RECORD_RE)
+    assert rx.match("-a /etc/iscsi/nodes/iqn.2001-05.com.equallogic:0-8a0906-x-v1/10.0.0.5,3260,1/default")
+    assert rx.match("-a /var/lib/iscsi/nodes/iqn.2024-01.org.x:y/10.0.0.5,3260")
+    for bad in ("-a /etc/iscsi/nodes/../../shadow", "-a /etc/iscsi/nodes/iqn.x/..,1/default",
+                "-a /etc/iscsi/nodes/iqn.x/1.2.3.4,3260,1/../../../shadow", "/etc/iscsi/nodes/iqn.x/1.2.3.4,3260",
+                "-a /etc/iscsi/nodes/iqn.x/1.2.3.4,3260 /etc/shadow", "-a /etc/iscsi/nodes/iqn.x/1.2.3.4,3260\n/x"):
+        assert not rx.match(bad), bad
+
+
+@needs_root
+def test_initiator_name_read_and_one_clear_line_when_root_only(env):
+    h = env.host("host2")
+    assert iscsi.initiator_name("host2") == h.initiator
+    ini = "/etc/iscsi/initiatorname.iscsi"
+    owner = h.run(["stat", "-c", "%u:%g %a", ini]).stdout.split()
+    assert owner[1] == "600"
+    h.run(["chown", "0:0", ini])
+    try:
+        with pytest.raises(Failure) as ei:
+            iscsi.initiator_name("host2")
+    finally:
+        h.run(["chown", owner[0], ini])
+    msg = str(ei.value)
+    assert len(msg.splitlines()) == 1 and msg.startswith("host host2: cannot read the initiator name (")
+    assert "not readable by oneadmin" in msg and "/usr/bin/cat /etc/iscsi/initiatorname.iscsi" in msg
+    saved = h.run(["cat", ini]).stdout
+    h.run(["sh", "-c", "cat > " + ini], input="InitiatorName=iqn.x:y;reboot\n")
+    try:
+        with pytest.raises(Invalid):
+            iscsi.initiator_name("host2")
+    finally:
+        h.run(["sh", "-c", "cat > " + ini], input=saved)
+    assert iscsi.initiator_name("host2") == h.initiator
+
+
+@needs_root
+def test_chap_attach_over_a_discovered_and_an_old_style_record(env):
+    """Both record layouts of one portal (discovery's <ip>,<port>,1/default and -o new's
+    old-style file): the CHAP lines go into both, the update that converts them may exit 6
+    once (retried), the login uses CHAP, one record is left."""
+    user, pw = "hvuser", "pw" + secrets.token_hex(8)
+    t = env.target(chap=(user, pw))
+    h = env.host()
+    n = "iscsiadm -m node -T %s -p %s" % (t.iqn, env.tgtd.portal)
+    h.run("%s,1 -o new && %s -o new" % (n, n), user="oneadmin")
+    assert len(h.run(n + " -o show", user="oneadmin").stdout.split("# BEGIN RECORD")) == 3
+    devs = iscsi.attach("host1", [t(link=DISK % (11, 0))], chap=Chap(user, pw))
+    assert env.tgtd.sessions(t.iqn) == 1 and env.link("host1", DISK % (11, 0)) == devs[t.name]
+    shown = h.run(n + " -o show -S", user="oneadmin").stdout
+    assert shown.count("# BEGIN RECORD") == 1 and "node.tpgt = 1\n" in shown
+    assert "node.session.auth.password = %s\n" % pw in shown
+    iscsi.detach("host1", [t()])
+
+
 @needs_root
 def test_chap_attach_and_wrong_password(env, capsys):
     user, pw = "hvuser", "pw" + secrets.token_hex(8)

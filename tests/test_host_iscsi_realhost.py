@@ -18,6 +18,7 @@ from oneiscsi import log
 from oneiscsi.errors import Failure
 from oneiscsi.host import iscsi
 from oneiscsi.host.iscsi import Chap, Volume
+import tests.realhost as realhost_tests
 from tests.realhost import probe
 
 pytestmark = pytest.mark.realhost
@@ -43,7 +44,7 @@ def rig(tmp_path_factory):
     from oneiscsi.sim.tgt import Tgtd
     ok, why = realhost.available()
     if not ok:
-        pytest.skip("real-kernel host unavailable: " + why)
+        realhost_tests.unavailable(why)
     work = tmp_path_factory.mktemp("hsreal")
     lab = Lab(str(work / "lab"), hosts=("sa1",))
     tgtd = rh = None
@@ -188,7 +189,7 @@ def test_same_operations_same_names_on_stand_in_and_real_host(env):
     assert sess["sa1"] == sess["kvm1"] == ["{a}", "{b}"]
 
     pw = "pr" + secrets.token_hex(8)
-    summaries = {}
+    summaries, results = {}, {}
     for host in ("sa1", "kvm1"):
         t = env["target"](pw)
         stdin = probe.probe_input(env["tgtd"].portal, t["iqn"], CHAP_USER, pw, "bad" + pw,
@@ -202,10 +203,106 @@ def test_same_operations_same_names_on_stand_in_and_real_host(env):
         res = probe.parse(r.stdout)
         assert res.get("done") == "1", r.stdout + r.stderr
         summaries[host] = probe.summary(res, env["tgtd"].portal, t["iqn"], host)
+        results[host] = res
     print("stand-in: %s\nreal:     %s" % (summaries["sa1"]["exit_codes"], summaries["kvm1"]["exit_codes"]))
     codes = {h: dict(s["exit_codes"]) for h, s in summaries.items()}
     # blockdev cannot work on the stand-in's LUN file (its documented difference): not iscsiadm
     assert codes["sa1"].pop("flush") == 1 and codes["kvm1"].pop("flush") == 0
+    # discovery's <ip>,<port>,1 record next to -o new's old-style file: the first update exits 6
+    # exactly when the directory (its file system's hash order) lists the tpgt entry first
+    for host, res in results.items():
+        want = 6 if probe.tpgt_entry_first(res) else 0
+        print("%s: records %s-> first update %d" % (host, res["order_before"], codes[host]["chap_method"]))
+        assert codes[host].pop("chap_method") == want, (host, res["order_before"])
+        assert len(res["order_after"].split()) == 1 and res["order_after"].count(",") == 2
     assert codes["sa1"] == codes["kvm1"]
     assert codes["kvm1"]["login_badchap"] == 24 and codes["kvm1"]["login_again"] == 15
     assert summaries["sa1"]["by_path"] == summaries["kvm1"]["by_path"] == ["ip-{portal}-iscsi-{iqn}-lun-1"]
+
+
+SUDO_LOGGING = ("Defaults logfile=/var/log/sudo.log\n"
+                "Defaults log_input, log_output, !compress_io, iolog_dir=/var/log/sudo-io\n")
+
+
+def _grep_guest(rig, needle, paths):
+    """Root greps `paths` on the guest for `needle`, which travels on stdin (a grep
+    argument would itself be visible in the process list): the matching file names."""
+    r = rig["rh"].ssh("grep -rlaF -f /dev/stdin %s 2>/dev/null; true" % " ".join(paths), input=needle + "\n")
+    return r.stdout.split()
+
+
+def test_chap_secret_never_in_sudo_logs_io_logs_syslog_or_process_list(env):
+    """The proof of the README's claim on the real kernel: sudo with its log file, syslog
+    (rsyslog: auth.log, syslog) and I/O logging of input and output on; oneadmin with
+    exactly the README's sudoers line; a ps loop of another user sampling every process's
+    command line during the attach. Controls show that each log and the sampler would
+    have caught a secret on a command line, on a pipe or in output."""
+    rh = env["rh"]
+    rh.put("/etc/sudoers.d/oneadmin", (iscsi.SUDOERS_LINE + "\n").encode(), mode=0o440)
+    rh.put("/etc/sudoers.d/00-oneiscsi-logging", SUDO_LOGGING.encode(), mode=0o440)
+    logs = ["/var/log", "/tmp/oneiscsi-ps.log"]
+    try:
+        assert guest(env, "visudo -c >/dev/null && echo ok").stdout.strip() == "ok"
+        # controls: a secret on a sudo command line lands in auth.log and sudo.log; one on the
+        # stdin/stdout of a sudo command without the NOLOG tags lands in the I/O log
+        canary = "CANARY" + secrets.token_hex(6)
+        rh.ssh("sudo -n iscsiadm -m node -T iqn.2000-01.invalid:oneiscsi-canary -p 192.0.2.1 -o update "
+               "-n node.session.auth.password -v %s; true" % canary, user="oneadmin")
+        canary_io = "CANARYIO" + secrets.token_hex(6)
+        rh.ssh("echo %s | sudo -n tee /sys/block/sdzz/device/delete; true" % canary_io, user="oneadmin")
+        found = _grep_guest(env, canary, ["/var/log"])
+        assert "/var/log/auth.log" in found and "/var/log/sudo.log" in found, found
+        assert any(f.startswith("/var/log/sudo-io/") for f in _grep_guest(env, canary_io, ["/var/log/sudo-io"]))
+
+        # another user samples every command line while the driver attaches with CHAP
+        rh.ssh("rm -f /tmp/oneiscsi-ps.log; su nobody -s /bin/sh -c 'while :; do ps -eo user=,args= "
+               ">> /tmp/oneiscsi-ps.log; done' </dev/null >/dev/null 2>&1 & echo $! > /tmp/oneiscsi-ps.pid",
+               check=True)
+        pw = "Se" + secrets.token_hex(10)
+        t = env["target"](pw)
+        v = vol_of(env, t, DISK % (23, 0), LUN)
+        try:
+            dev = iscsi.attach("kvm1", [v], chap=Chap(CHAP_USER, pw))[t["vol"]]
+            tgt = env["tgtd"].targets()[t["iqn"]]
+            assert tgt["sessions"] == 1 and tgt["initiators"] == [rh.initiator_name]   # CHAP login done
+            assert guest(env, "test -b $(readlink -f %s) && echo disk" % dev).stdout.strip() == "disk"
+            assert _grep_guest(env, pw, ["/etc/iscsi/nodes"])   # the record holds it: the grep works
+        finally:
+            guest(env, "pkill -P $(cat /tmp/oneiscsi-ps.pid); kill $(cat /tmp/oneiscsi-ps.pid)", check=False)
+        iscsi.detach("kvm1", [v])
+
+        sampled = guest(env, "cat /tmp/oneiscsi-ps.log").stdout
+        print("ps samples during attach: %d lines; sudo.log lines: %s" % (
+            len(sampled.splitlines()), guest(env, "wc -l < /var/log/sudo.log").stdout.strip()))
+        assert "sudo -n iscsiadm" in sampled and "iscsiadm -m node -T %s" % t["iqn"] in sampled  # it saw the attach
+        sudolog = guest(env, "cat /var/log/sudo.log /var/log/auth.log").stdout
+        assert "/usr/bin/tee -a /etc/iscsi/nodes/%s/" % t["iqn"] in sudolog        # the record path was used
+        assert _grep_guest(env, pw, logs + ["/etc/sudoers.d", "/root", "/var/lib/one"]) == []
+        assert _grep_guest(env, pw, ["/etc/iscsi/nodes"]) == []    # the record went with the detach
+        assert pw not in env["logfile"].read_text()
+    finally:
+        guest(env, "rm -f /etc/sudoers.d/00-oneiscsi-logging /tmp/oneiscsi-ps.log /tmp/oneiscsi-ps.pid", check=False)
+
+
+def test_initiator_name_and_selftest_row_through_sudo_on_a_root_only_file(env):
+    from oneiscsi import selftest
+    rh = env["rh"]
+    rh.put("/etc/sudoers.d/oneadmin", (iscsi.SUDOERS_LINE + "\n").encode(), mode=0o440)
+    assert guest(env, "stat -c '%U %a' /etc/iscsi/initiatorname.iscsi").stdout.split() == ["root", "600"]
+    assert rh.ssh("cat /etc/iscsi/initiatorname.iscsi", user="oneadmin").returncode != 0   # as on Debian
+    assert iscsi.initiator_name("kvm1") == rh.initiator_name
+    plan = selftest.Plan()
+    plan.drivers.add("eqliscsi")
+    rows = {r[1]: r for r in selftest.check("kvm1", plan)}
+    assert rows["initiator name"][2:4] == ("PASS", rh.initiator_name)
+    # without the sudoers line: one clear line naming the host and the fix
+    rh.put("/etc/sudoers.d/oneadmin", b"oneadmin ALL=(root) NOPASSWD: /usr/sbin/iscsiadm\n", mode=0o440)
+    try:
+        with pytest.raises(Failure) as ei:
+            iscsi.initiator_name("kvm1")
+        assert str(ei.value).startswith("host kvm1: cannot read the initiator name (")
+        assert "/usr/bin/cat /etc/iscsi/initiatorname.iscsi" in str(ei.value)
+        row = {r[1]: r for r in selftest.check("kvm1", plan)}["initiator name"]
+        assert row[2] == "FAIL" and "sudoers" in row[4]
+    finally:
+        rh.put("/etc/sudoers.d/oneadmin", (iscsi.SUDOERS_LINE + "\n").encode(), mode=0o440)

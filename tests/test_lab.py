@@ -1,19 +1,61 @@
 """The README's demo command runs to the end and leaves nothing behind."""
+import os
+import re
 import subprocess
 
 import pytest
 
+from oneiscsi.sim import hosts
 from tests import oneutil
 
 pytestmark = pytest.mark.needs_root
 
 
-def netns():
-    return set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+def netns_names():
+    """Names from `ip netns list` (each line: NAME [(id: N)])."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def links():
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line}
+
+
+def leftovers_of_lab(n):
+    """The namespaces and links of lab number `n` still present. Judged while holding that
+    number's allocation lock, so a lab started meanwhile by someone else cannot be mistaken
+    for ours (it would hold the lock while its namespaces exist)."""
+    for _ in range(600):
+        try:
+            got, fd = hosts.allocate("subnet", [n])
+            break
+        except hosts.LabError:
+            import time
+            time.sleep(0.1)
+    else:
+        pytest.fail("lab number %d stayed taken by another lab for 60 s: cannot judge ours" % n)
+    try:
+        return (sorted(x for x in netns_names() if x.startswith("ol%d-" % n))
+                + sorted(x for x in links() if x == "olbr%d" % n or x.startswith("ol%dv" % n)))
+    finally:
+        os.close(fd)
+
+
+def test_leftovers_judge_only_the_given_lab_number():
+    """A namespace of another lab number is none of this test's business."""
+    free = [n for n in range(200, 255) if not any(x.startswith("ol%d-" % n) for x in netns_names())]
+    mine, other = free[0], free[1]
+    name = "ol%d-probe" % other
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        assert leftovers_of_lab(mine) == []
+        assert leftovers_of_lab(other) == [name]
+    finally:
+        subprocess.run(["ip", "netns", "del", name])
 
 
 def test_lab_demo_runs_both_lifecycles_and_cleans_up(pyz):
-    before = netns()
     res = subprocess.run([oneutil.PYTHON, str(oneutil.PYZ), "lab"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr
     out = res.stdout
@@ -28,7 +70,9 @@ def test_lab_demo_runs_both_lifecycles_and_cleans_up(pyz):
     assert "on host2 through /var/lib/one/datastores/0/43/disk.0: read 'written on host1 by VM 43'" in out
     assert out.rstrip().endswith("lab: all steps done")
     assert "SAN: volumes: none; iSCSI sessions: none" in out  # nothing leaked
-    assert netns() - before == set()
+    m = re.search(r"hosts: host1=10\.213\.(\d+)\.", out)
+    assert m, out[:2000]
+    assert leftovers_of_lab(int(m.group(1))) == []              # only what this lab made
 
 
 def test_lab_sim_runs_the_group_in_the_foreground_for_manual_ssh(pyz, tmp_path):

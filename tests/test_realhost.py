@@ -24,6 +24,7 @@ import pytest
 from oneiscsi.sim import realhost
 from oneiscsi.sim.realhost import RealHost
 from oneiscsi.sim.tgt import Tgtd
+import tests.realhost as realhost_tests
 from tests.realhost import probe
 
 LOCKDIR = "/tmp/oneiscsi-locks"
@@ -39,6 +40,15 @@ def test_build_key_is_stable_and_covers_inputs(monkeypatch):
     assert k == realhost.build_key() and len(k) == 16
     monkeypatch.setattr(realhost, "PACKAGES", realhost.PACKAGES + ("python3",))
     assert realhost.build_key() != k
+
+
+@pytest.mark.parametrize("ci,outcome", [("true", "fail"), ("1", "fail"), ("", "skip"), ("false", "skip")])
+def test_unavailable_guest_fails_under_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+    monkeypatch.setenv("CI", ci)
+    exc = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
+    with pytest.raises(exc) as ei:
+        realhost_tests.unavailable("no /dev/net/tun")
+    assert "no /dev/net/tun" in str(ei.value)
 
 
 @pytest.mark.parametrize("kw", [
@@ -86,6 +96,7 @@ def test_config_disk_places_rules_keys_and_initiator(tmp_path):
         assert m["usr/local/sbin/y"].mode == 0o755
         assert m["etc/ssh/ssh_host_ed25519_key"].mode == 0o600
         assert m["var/lib/one/.ssh/authorized_keys"].uid == realhost.ONEADMIN_UID
+        assert (m["etc/iscsi/initiatorname.iscsi"].mode, m["etc/iscsi/initiatorname.iscsi"].uid) == (0o600, 0)
         ini = tf.extractfile("etc/iscsi/initiatorname.iscsi").read().decode()
         assert ini == "InitiatorName=%s\n" % h.initiator_name
     with pytest.raises(ValueError):
@@ -145,7 +156,7 @@ def _bridge():
 def lab(tmp_path_factory):
     ok, why = realhost.available()
     if not ok:
-        pytest.skip("real-kernel host unavailable: " + why)
+        realhost_tests.unavailable(why)
     t0 = time.monotonic()
     image = realhost.build_image()
     print("image %s: %s in %.1f s" % (image["key"], "built" if image["built"] else "cached",
@@ -336,6 +347,10 @@ def test_open_iscsi_exit_codes(probed):
     assert rc["node_show_unknown"] == 21    # no record
     assert rc["node_delete"] == 0
     assert rc["node_show_deleted"] == 21
+    # discovery record + -o new's old-style file: the first update converts, and exits 6
+    # when the directory lists the tpgt entry first (open-iscsi 2.1.8 idbm_for_each_iface)
+    assert rc["chap_method"] == (6 if probe.tpgt_entry_first(probed["res"]) else 0)
+    assert len(probed["res"]["order_after"].split()) == 1
     assert probed["summary"]["exit_codes"] == dict(sorted(rc.items()))
 
 

@@ -52,6 +52,53 @@ def test_node_new_layout_and_listing(db):
         "Target: %sb\n\tPortal: 127.0.0.1:3261,1\n\t\tIface Name: default\n" % (IQN, IQN))
 
 
+def test_update_with_old_style_and_discovered_record_follows_open_iscsi(db):
+    """Measured on the real-kernel guest (open-iscsi 2.1.8): after discovery made
+    <ip>,<port>,1/default, `-o new -p ip:port` adds the old-style file <ip>,<port>; the first
+    update converts (deletes) the file and exits 6 when the directory lists the tpgt entry
+    first; then one record is left and updates are 0. Several portals cover both orders."""
+    orders = set()
+    for i in range(1, 13):
+        portal = "10.9.9.%d:3260" % i
+        assert db("-m", "node", "-o", "new", "-T", IQN, "-p", portal + ",1").returncode == 0
+        assert db("-m", "node", "-o", "new", "-T", IQN, "-p", portal).returncode == 0
+        entries = [e for e in os.listdir(db.etc / "nodes" / IQN) if e.startswith("10.9.9.%d," % i)]
+        assert sorted(entries) == ["10.9.9.%d,3260" % i, "10.9.9.%d,3260,1" % i]
+        tpgt_first = entries[0].endswith(",1")
+        orders.add(tpgt_first)
+        p = db("-m", "node", "-T", IQN, "-p", portal, "-o", "update", "-n", "node.session.auth.authmethod", "-v", "CHAP")
+        if tpgt_first:
+            assert p.returncode == 6
+            assert p.stderr == ("iscsiadm: iface iter could not stat %s/nodes/%s/10.9.9.%d,3260.\niscsiadm: Could not "
+                                "execute operation on all records: encountered iSCSI database failure\n"
+                                % (db.etc, IQN, i))
+        else:
+            assert (p.returncode, p.stderr) == (0, "")
+        assert not (db.etc / "nodes" / IQN / ("10.9.9.%d,3260" % i)).exists()
+        p = db("-m", "node", "-T", IQN, "-p", portal, "-o", "update", "-n", "node.session.auth.username", "-v", "u")
+        assert p.returncode == 0
+        show = db("-m", "node", "-T", IQN, "-p", portal, "-o", "show").stdout
+        assert show.count("# BEGIN RECORD") == 1 and "authmethod = CHAP" in show and "username = u\n" in show
+    fstype = subprocess.run(["stat", "-f", "-c", "%T", str(db.etc)], capture_output=True, text=True).stdout.strip()
+    if fstype == "ext2/ext3":          # hash-ordered directories (ext4): both orders occur in 12 portals
+        assert orders == {True, False}, "the directory order never varied: both cases not covered"
+
+
+def test_appended_auth_lines_win_and_an_update_rewrites_them(db):
+    """set_chap's path: `name = value` lines appended to a record file count, the last
+    one of a name wins (open-iscsi 2.1.8 idbm_recinfo_config), an update rewrites the file."""
+    db("-m", "node", "-o", "new", "-T", IQN, "-p", P)
+    rec = db.etc / "nodes" / IQN / "127.0.0.1,3260"
+    with open(rec, "a") as f:
+        f.write("node.session.auth.authmethod = CHAP\nnode.session.auth.username = u1\n"
+                "node.session.auth.password = p w#1\n")
+    show = db("-m", "node", "-T", IQN, "-p", P, "-o", "show", "-S").stdout
+    assert "authmethod = CHAP\n" in show and "username = u1\n" in show and "password = p w#1\n" in show
+    assert db("-m", "node", "-T", IQN, "-p", P, "-o", "update", "-n", "node.startup", "-v", "manual").returncode == 0
+    text = rec.read_text()
+    assert text.count("node.session.auth.password") == 1 and text.endswith("# END RECORD\n")
+
+
 def test_node_update_show_delete_and_codes(db):
     (db.etc / "iscsid.conf").write_text("node.startup = automatic\nnode.session.auth.authmethod = CHAP\n")
     db("-m", "node", "-o", "new", "-T", IQN, "-p", P)

@@ -9,6 +9,7 @@ connect. `qemu-img --help` is no use: it lists iscsi even when the module is abs
 from __future__ import annotations
 
 from oneiscsi.host import q
+from oneiscsi.host.iscsi import READ_INITIATOR
 
 PROBE = ("qemu-img info --image-opts "
          "driver=iscsi,transport=tcp,portal=127.0.0.1:1,target=iqn.2000-01.invalid:oneiscsi-probe,lun=0")
@@ -53,7 +54,7 @@ fi
 
 
 # The EqualLogic side of a hypervisor: open-iscsi logs in, the driver's udev rules name the devices.
-OPEN_ISCSI = r"""
+OPEN_ISCSI = READ_INITIATOR + r"""
 if command -v iscsiadm >/dev/null 2>&1 || [ -x /usr/sbin/iscsiadm ] || [ -x /sbin/iscsiadm ]; then
   echo "CHECK|iscsiadm|PASS|open-iscsi's iscsiadm is installed|"
 else
@@ -68,11 +69,15 @@ elif command -v systemctl >/dev/null 2>&1 && systemctl is-active -q iscsid.socke
 else
   echo "CHECK|iscsid|FAIL|iscsid is not running on $(hostname)|systemctl enable --now iscsid (or iscsid.socket)"
 fi
-name=$(sed -n 's/^[[:space:]]*InitiatorName=[[:space:]]*//p' /etc/iscsi/initiatorname.iscsi 2>/dev/null | head -1)
-case "$name" in
-  iqn.*|eui.*|naa.*) echo "CHECK|initiator name|PASS|$name|" ;;
-  *) echo "CHECK|initiator name|FAIL|no InitiatorName in /etc/iscsi/initiatorname.iscsi|echo InitiatorName=\$(iscsi-iname) > /etc/iscsi/initiatorname.iscsi" ;;
-esac
+if name=$(read_initiator 2>/dev/null); then
+  echo "CHECK|initiator name|PASS|$name|"
+else
+  why=$(read_initiator 2>&1 >/dev/null)
+  case "$why" in
+    *"not allowed"*) echo "CHECK|initiator name|FAIL|$why|add /usr/bin/cat /etc/iscsi/initiatorname.iscsi to oneadmin's sudoers line (README)" ;;
+    *) echo "CHECK|initiator name|FAIL|${why:-no InitiatorName in /etc/iscsi/initiatorname.iscsi}|echo InitiatorName=\$(iscsi-iname) > /etc/iscsi/initiatorname.iscsi" ;;
+  esac
+fi
 if grep -Eq '^[[:space:]]*node\.startup[[:space:]]*=[[:space:]]*manual' /etc/iscsi/iscsid.conf 2>/dev/null; then
   echo "CHECK|node.startup|PASS|node.startup = manual|"
 else

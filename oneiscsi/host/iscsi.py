@@ -28,9 +28,29 @@ script runs them directly as root, else through `sudo -n` when
 own message). SUDOERS_LINE is what an operator adds for oneadmin.
 
 The CHAP password travels inside the script text (a quoted heredoc on ssh's
-stdin), never on the frontend's argv or in logs. On the host it is an
-argument of `iscsiadm -o update -v` for the few milliseconds that command
-runs: open-iscsi has no other way to take it (os-brick does the same).
+stdin), never on the frontend's argv or in logs, and on the host it is never an
+argument of any command either (sudo logs every command line, and /proc/<pid>/cmdline
+is readable by every user): `set_chap` appends the `node.session.auth.*` lines to
+each record file of the target with the shell's builtin printf piped into
+`sudo -n tee -a <record file>`, then one `iscsiadm -o update -n node.startup`
+rewrites the record in iscsiadm's own format (open-iscsi 2.1.8 idbm.c: a record is
+read as `name = value` lines, the last one of a name wins; measured on the
+real-kernel guest: the login then authenticates with CHAP). The sudoers rule for
+that `tee` matches the record path by a regular expression (sudo 1.9.10+) and is
+tagged NOLOG_INPUT/NOLOG_OUTPUT so that sudo's I/O logging, when an operator turns
+it on, does not record the password either.
+
+Record layout (open-iscsi 2.1.8 idbm.c idbm_rec_write, idbm_for_each_iface; measured
+on the real guest): a record made by `-o new -p ip:port` (no tpgt) is the old-style
+file `<db>/<iqn>/<ip>,<port>`; discovery makes `<db>/<iqn>/<ip>,<port>,<tpgt>/<iface>`.
+When both exist, the first `-o update` that writes the tpgt record deletes the
+old-style file, and exits 6 ("iface iter could not stat") when the directory order
+(the file system's hash order) visits the deleted file afterwards; the next update
+succeeds. Updates are therefore retried once on exit 6.
+
+The initiator name file is root-only on Debian (open-iscsi's postinst: chmod 600):
+`initiator_name()` reads it directly when it can, else with `sudo -n cat` (a line
+of SUDOERS_LINE).
 """
 from __future__ import annotations
 
@@ -42,9 +62,16 @@ from oneiscsi import host as hostrun
 from oneiscsi import log, validate
 from oneiscsi.errors import Failure, Invalid
 
+INITIATOR_FILE = "/etc/iscsi/initiatorname.iscsi"
+# the record files set_chap may append to (Debian/Ubuntu: /etc/iscsi/nodes, RHEL/SUSE:
+# /var/lib/iscsi/nodes): no '/' or leading '.' inside a component, so no way out of the DB
+NODE_RECORD_RE = ("^-a /(etc|var/lib)/iscsi/nodes/[A-Za-z0-9][A-Za-z0-9.:_-]*/"
+                  "[A-Za-z0-9][A-Za-z0-9.:-]*,[0-9]+(,[0-9]+/[A-Za-z0-9][A-Za-z0-9._:-]*)?$")
 SUDOERS_LINE = ("oneadmin ALL=(root) NOPASSWD: /usr/sbin/iscsiadm, /usr/sbin/blockdev, "
                 "/usr/bin/tee /sys/block/sd[a-z]/device/delete, "
-                "/usr/bin/tee /sys/block/sd[a-z][a-z]/device/delete")
+                "/usr/bin/tee /sys/block/sd[a-z][a-z]/device/delete, "
+                "/usr/bin/cat " + INITIATOR_FILE + ", "
+                "NOLOG_INPUT: NOLOG_OUTPUT: /usr/bin/tee " + NODE_RECORD_RE)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
 _IFACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
@@ -99,6 +126,9 @@ class Chap:
             raise Invalid("the CHAP password is empty")
         if any(c in password for c in "\r\n\x00"):
             raise Invalid("the CHAP password is refused: it contains a newline or NUL character")
+        if password != password.strip():
+            raise Invalid("the CHAP password is refused: it begins or ends with a blank, which "
+                          "open-iscsi's node records drop")
         log.secret(password)
         self._password = password
 
@@ -123,6 +153,43 @@ def lock_file(iqn: str) -> str:
     """The name of the per-target lock file on the host (in /run/lock or its fallback)."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", iqn)[:150]
     return "oneiscsi-%s-%s.lock" % (safe, hashlib.sha1(iqn.encode()).hexdigest()[:8])
+
+
+# ---------------------------------------------------------------- the initiator name
+# sh: the InitiatorName of the host on stdout; exit 1 with the reason on stderr. Root-only
+# on Debian: read directly when possible, else through `sudo -n cat` (SUDOERS_LINE).
+READ_INITIATOR = r"""
+read_initiator() {
+  f=/etc/iscsi/initiatorname.iscsi
+  if [ ! -e "$f" ]; then echo "$f does not exist" >&2; return 1; fi
+  if [ "$(id -u)" = 0 ] || [ -r "$f" ]; then txt=$(cat "$f") || return 1
+  elif command -v sudo >/dev/null 2>&1 && txt=$(sudo -n cat "$f" 2>/dev/null); then :
+  else echo "$f is not readable by $(id -un) and sudo -n cat $f is not allowed" >&2; return 1
+  fi
+  n=$(printf '%s\n' "$txt" | sed -n 's/^[[:space:]]*InitiatorName[[:space:]]*=[[:space:]]*//p' | head -n 1)
+  if [ -z "$n" ]; then echo "$f has no InitiatorName= line" >&2; return 1; fi
+  printf '%s\n' "$n"
+}
+"""
+
+
+def initiator_name(host: str) -> str:
+    """The iSCSI initiator name of `host` from /etc/iscsi/initiatorname.iscsi, read as the
+    ssh user or through `sudo -n cat` (the file is root-only 0600 on Debian)."""
+    res = hostrun.run(host, READ_INITIATOR + "read_initiator\n", timeout=60, what="initiator name")
+    if hostrun.unreachable(res):
+        raise _unreachable(host, res, "reading the initiator name")
+    lines = (res.stdout or "").split()
+    if res.returncode != 0 or len(lines) != 1:
+        raise Failure("host %s: cannot read the initiator name (%s): add /usr/bin/cat %s to oneadmin's "
+                      "sudoers line on the host (README)"
+                      % (host, log.mask(hostrun.last_line(res.stderr)) or "exit %d" % res.returncode,
+                         INITIATOR_FILE))
+    value = lines[0]
+    validate.reject_dangerous(value, "InitiatorName of host %s" % host)
+    if "," in value:
+        raise Invalid("InitiatorName of host %s %s is refused: it contains ','" % (host, validate.show(value)))
+    return validate.iqn(value, "InitiatorName of host %s" % host)
 
 
 # ---------------------------------------------------------------- the sh library
@@ -155,6 +222,31 @@ adm() {
   return $rc
 }
 node() { adm -m node -T "$IQN" -p "$PORTAL" ${IFACE:+-I "$IFACE"} "$@"; }
+# an update exits 6 once when it converts an old-style record next to a discovered one
+node_update() { node -o update "$@" || { [ $rc -eq 6 ] && say "retrying the update (rc 6)" && node -o update "$@"; }; }
+
+# set_chap: CHAP into every record file of the target, the password only on a pipe
+# (printf is a shell builtin: no argv holds it), then one update rewrites the records
+set_chap() {
+  db=
+  for d in /etc/iscsi/nodes /var/lib/iscsi/nodes; do [ -d "$d" ] && { db=$d; break; }; done
+  if [ -z "$db" ]; then rc=6 last="no node database in /etc/iscsi/nodes or /var/lib/iscsi/nodes"; return 1; fi
+  $SUDO iscsiadm -m node -T "$IQN" -p "$PORTAL" ${IFACE:+-I "$IFACE"} -o show > "$T/$N.rec" 2>&1 ||
+    { rc=$? last=$(tail -n 1 "$T/$N.rec"); return 1; }
+  files=$(awk -v db="$db" '
+    /^# BEGIN RECORD/ { n = t = a = p = i = "" }
+    $1 == "node.name" { n = $3 } $1 == "node.tpgt" { t = $3 } $1 == "iface.iscsi_ifacename" { i = $3 }
+    $1 == "node.conn[0].address" { a = $3 } $1 == "node.conn[0].port" { p = $3 }
+    /^# END RECORD/ { if (t == "-1") print db "/" n "/" a "," p; else print db "/" n "/" a "," p "," t "/" i }
+  ' "$T/$N.rec")
+  if [ -z "$files" ]; then rc=6 last="iscsiadm -o show named no record file"; return 1; fi
+  for f in $files; do
+    printf 'node.session.auth.authmethod = CHAP\nnode.session.auth.username = %s\nnode.session.auth.password = %s\n' \
+      "$CHAP_USER" "$CHAP_PASS" | $SUDO tee -a "$f" > /dev/null 2> "$T/$N.tee" ||
+      { rc=1 last="cannot append the CHAP settings to $f with ${SUDO:+sudo -n }tee -a: $(tail -n 1 "$T/$N.tee")"; return 1; }
+  done
+  say "CHAP settings written to $(echo $files | wc -w) node record(s)"
+}
 
 result() { r=$1; shift; printf '%s %s%s\n' "$r" "$KEY" "${*:+ $*}" > "$T/$N.res"; }
 fail() { say "$1 failed (rc $2): $3"; result FAIL "$1" "$2" "$3"; }
@@ -266,13 +358,11 @@ attach_one() {  # VOL PORTAL BPHOST PORT IQN LINK SIZE RO
     tries=$((tries + 1)); sleep 1
   done
   if [ -n "$CHAP_USER" ]; then
-    node -o update -n node.session.auth.authmethod -v CHAP &&
-      node -o update -n node.session.auth.username -v "$CHAP_USER" &&
-      node -o update -n node.session.auth.password -v "$CHAP_PASS" ||
-      { fail chap-settings $rc "$last"; undo; return; }
+    set_chap || { fail chap-settings $rc "$last"; undo; return; }
   fi
-  if [ -z "$created" ] || [ -z "$STARTUP_MANUAL" ]; then
-    node -o update -n node.startup -v manual || { fail node-startup $rc "$last"; undo; return; }
+  # also rewrites the records set_chap appended to in iscsiadm's own format
+  if [ -z "$created" ] || [ -z "$STARTUP_MANUAL" ] || [ -n "$CHAP_USER" ]; then
+    node_update -n node.startup -v manual || { fail node-startup $rc "$last"; undo; return; }
   fi
   if has_session; then
     say "already logged in"
@@ -472,8 +562,10 @@ def _check(vols, iface, base_device, wait):
 _REASONS = {
     "node-record": ("iscsiadm could not read or create the node record",
                     "check open-iscsi on the host and the sudoers line for oneadmin (see README)"),
-    "chap-settings": ("iscsiadm could not set CHAP on the node record",
-                      "check open-iscsi on the host and the sudoers line for oneadmin (see README)"),
+    "chap-settings": ("the CHAP settings could not be written into the node record",
+                      "check open-iscsi on the host and oneadmin's sudoers line (README; its node "
+                      "record rule needs sudo 1.9.10+; with an older sudo leave EQL_CHAP_USER unset "
+                      "and put CHAP into the host's iscsid.conf)"),
     "node-startup": ("iscsiadm could not set node.startup",
                      "check open-iscsi on the host and the sudoers line for oneadmin (see README)"),
     "login": ("login failed", "check the portal, the volume's access records and the host's iscsid"),
@@ -639,4 +731,4 @@ def logout_strays(host: str, iqns: list) -> list:
 
 
 __all__ = ["Volume", "Chap", "HostFailure", "attach", "detach", "rescan", "sessions", "logout_strays",
-           "lock_file", "SUDOERS_LINE"]
+           "lock_file", "initiator_name", "SUDOERS_LINE", "INITIATOR_FILE"]

@@ -373,7 +373,9 @@ class Lab:
         for d in ("datastores", "etc-iscsi", "run/iscsi-standin"):
             os.chown(os.path.join(host.root, d), uid, gid)
         host.initiator = "iqn.1993-08.org.debian:01:%s-%s" % (host.name, os.urandom(4).hex())
+        # 0600 as on Debian; owned by oneadmin, who stands for root in a lab host's /etc/iscsi
         self._write(host, "etc-iscsi/initiatorname.iscsi", "InitiatorName=%s\n" % host.initiator, uid, gid)
+        os.chmod(os.path.join(host.root, "etc-iscsi/initiatorname.iscsi"), 0o600)
         self._write(host, "etc-iscsi/iscsid.conf", ISCSID_CONF, uid, gid)
         self._write(host, "fuse.conf", "user_allow_other\n")
         with open(self.ssh_key + ".pub") as f:

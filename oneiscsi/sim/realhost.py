@@ -19,7 +19,10 @@ Guest facts (what tests may rely on):
   ``sudo`` for everything (an OpenNebula host gives it sudo for iscsiadm and
   friends; the test host does not narrow that list).
 - ``/etc/iscsi/initiatorname.iscsi`` holds a per-instance name
-  (``RealHost.initiator_name``); ``node.startup = manual`` (Debian default).
+  (``RealHost.initiator_name``), root:root mode 0600 as Debian's open-iscsi
+  postinst leaves it; ``node.startup = manual`` (Debian default).
+- rsyslogd runs (Debian's default rules: sudo's log lines land in
+  /var/log/auth.log).
 - Each instance boots from a private qcow2 overlay of the cached image, so
   nothing a test does survives ``stop()``.
 """
@@ -46,7 +49,7 @@ import time
 SUITE = "bookworm"
 PACKAGES = (
     "linux-image-amd64", "open-iscsi", "udev", "kmod", "iproute2", "procps",
-    "openssh-server", "util-linux", "coreutils", "sudo",
+    "openssh-server", "util-linux", "coreutils", "sudo", "rsyslog",
 )
 ONEADMIN_UID = 9869  # OpenNebula's packaged oneadmin uid/gid
 IMAGE_SIZE = "2G"
@@ -104,6 +107,8 @@ ip link set "$DEV" up
 [ -n "$GW" ] && { ip route add default via "$GW" || say "default route failed"; }
 
 say network up
+# syslog: sudo writes its log lines (authpriv) to /var/log/auth.log as on a Debian host
+rsyslogd || say "rsyslogd failed"
 iscsid || say "iscsid failed"
 /usr/sbin/sshd || say "sshd failed"
 say "$(uname -r) up"
@@ -448,8 +453,9 @@ class RealHost:
             add(tf, "root/.ssh/authorized_keys", key, 0o600)
             add(tf, "var/lib/one/.ssh", b"", 0o700, ONEADMIN_UID, isdir=True)
             add(tf, "var/lib/one/.ssh/authorized_keys", key, 0o600, ONEADMIN_UID)
+            # root-only as Debian's open-iscsi postinst leaves it (chmod 600)
             add(tf, "etc/iscsi/initiatorname.iscsi",
-                ("InitiatorName=%s\n" % self.initiator_name).encode(), 0o644)
+                ("InitiatorName=%s\n" % self.initiator_name).encode(), 0o600)
             for item in self.udev_rules:
                 src, dest = item if isinstance(item, (tuple, list)) else (item, None)
                 src = str(src)

@@ -54,7 +54,12 @@ N="-m node -T $IQN -p $PORTAL"
 echo "initiator=$(sed -n 's/^InitiatorName=//p' /etc/iscsi/initiatorname.iscsi)"
 step discovery iscsiadm -m discovery -t sendtargets -p "$PORTAL"
 step node_new iscsiadm $N -o new
+# discovery made <ip>,<port>,1/<iface>, -o new the old-style file <ip>,<port>: the first
+# update converts and exits 6 when the directory lists the tpgt entry first (idbm.c)
+entries() { ls -U "/etc/iscsi/nodes/$IQN" 2>/dev/null | grep -F -e "$(echo "$PORTAL" | sed 's/:\([0-9]*\)$/,\1/')" | tr '\n' ' '; }
+echo "order_before=$(entries)"
 step chap_method iscsiadm $N -o update -n node.session.auth.authmethod -v CHAP
+echo "order_after=$(entries)"
 step chap_user iscsiadm $N -o update -n node.session.auth.username -v "$CUSER"
 step chap_badpass iscsiadm $N -o update -n node.session.auth.password -v "$BADPASS"
 step login_badchap iscsiadm $N --login
@@ -120,6 +125,14 @@ def parse(stdout: str) -> dict:
             else:
                 res[k] = v
     return res
+
+
+def tpgt_entry_first(result: dict) -> bool:
+    """Did the node DB directory list the discovered (tpgt) record before the old-style file?"""
+    words = result.get("order_before", "").split()
+    if len(words) != 2:
+        raise AssertionError("expected two node records of the portal, got %r" % words)
+    return words[0].count(",") == 2
 
 
 def summary(result: dict, portal: str, iqn: str, kind: str) -> dict:
