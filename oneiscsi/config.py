@@ -50,6 +50,7 @@ DEFAULTS = {
     "EQL_CLI_TIMEOUT": "60",        # seconds per CLI command
     "EQL_CLI_RETRIES": "3",         # retries of transport faults
     "EQL_STAGING_DIR": "/var/tmp",  # downloads and decompression before a copy
+    "EQL_WRITE_STALL": "120",       # seconds a local image write may make no progress
     "EQL_BASE_DEVICE": "/dev/eql",
     "EQL_IFACE": "default",
     "EQL_WAIT_TIME": "1",

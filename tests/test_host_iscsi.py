@@ -354,9 +354,9 @@ def test_three_volumes_in_one_round_trip_run_in_parallel(env):
     ts = [env.target() for _ in range(3)]
     vols = [t(link=DISK % (11, i)) for i, t in enumerate(ts)]
     hold = 3.0
-    locks = " ".join('"/run/lock/%s"' % iscsi.lock_file(t.iqn) for t in ts)
+    locks = " ".join('"/run/lock/oneiscsi-$(id -u)/%s"' % iscsi.lock_file(t.iqn) for t in ts)
     # another action holds each target's lock for `hold` s: serial jobs would need 3 x hold
-    env.host().run("for f in %s; do (flock \"$f\" sleep %s > /dev/null 2>&1 &); done; "
+    env.host().run("mkdir -p -m 700 /run/lock/oneiscsi-$(id -u); for f in %s; do (flock \"$f\" sleep %s > /dev/null 2>&1 &); done; "
                    "for f in %s; do i=0; while flock -n \"$f\" true; do i=$((i+1)); [ $i -lt 500 ] || exit 1; "
                    "sleep 0.01; done; done" % (locks, hold, locks), user="oneadmin")
     t0 = time.monotonic()

@@ -3,9 +3,10 @@
 Each call renders one POSIX sh script and runs it with one `ssh` round trip per
 host (oneiscsi.host.run). Several volumes of one call are handled in parallel
 inside that script (one background job each); every job holds a `flock` on
-its target (`<lockdir>/oneiscsi-<iqn>.lock`, lockdir /run/lock, else /var/lock,
-else /tmp: the first world-writable sticky one) so concurrent actions on one
-host never race on one target.
+its target (`<lockdir>/oneiscsi-<iqn>.lock`, lockdir `/run/lock/oneiscsi-<uid>`, else
+`/var/lock/oneiscsi-<uid>`: a 0700 directory of the ssh user, lock files 0600, never a
+symlink, no /tmp fallback) so concurrent actions on one host never race on one target, and
+no other local user can block them.
 
 Attach follows os-brick (equallogic-and-peers.md section 4.2): node record
 probe (21: `-o new`, 6: retried), CHAP updates only when a Chap is given (else
@@ -202,11 +203,21 @@ if [ "$(id -u)" = 0 ]; then SUDO=
 elif command -v sudo >/dev/null 2>&1 && sudo -n iscsiadm --version >/dev/null 2>&1; then SUDO="sudo -n"
 else SUDO=
 fi
-LOCKDIR=/tmp
+# per-target locks in a private directory of the ssh user (0700, lock files 0600): another
+# local user can neither create nor hold them; no fallback to /tmp
+PRE= LOCKDIR=
 for d in /run/lock /var/lock; do
-  if [ -d "$d" ] && [ -k "$d" ] && [ -w "$d" ]; then LOCKDIR=$d; break; fi
+  if [ -d "$d" ] && [ -k "$d" ] && [ -w "$d" ]; then LOCKDIR=$d/oneiscsi-$(id -u); break; fi
 done
-PRE=
+if [ -z "$LOCKDIR" ]; then
+  PRE="no lock directory: /run/lock and /var/lock are missing or not sticky and writable"
+else
+  mkdir -m 700 "$LOCKDIR" 2>/dev/null
+  if [ -L "$LOCKDIR" ] || [ ! -d "$LOCKDIR" ] || [ ! -O "$LOCKDIR" ] ||
+     [ -n "$(find "$LOCKDIR" -maxdepth 0 -perm /077 2>/dev/null)" ]; then
+    PRE="lock directory $LOCKDIR is not a private (0700) directory of $(id -un): remove it"
+  fi
+fi
 command -v iscsiadm >/dev/null 2>&1 || [ -n "$SUDO" ] || PRE="iscsiadm not found: install open-iscsi"
 command -v flock >/dev/null 2>&1 || PRE="flock not found: install util-linux"
 T=$(mktemp -d "${TMPDIR:-/tmp}/oneiscsi.XXXXXX") || { echo "FAIL - preflight 1 mktemp failed"; exit 1; }
@@ -255,8 +266,8 @@ fail() { say "$1 failed (rc $2): $3"; result FAIL "$1" "$2" "$3"; }
 job() {
   N=$1 KEY=$2 lock=$LOCKDIR/$3; shift 3
   if [ -n "$PRE" ]; then fail preflight 1 "$PRE"; return; fi
-  (umask 0111; : >> "$lock") 2>/dev/null
-  if [ ! -r "$lock" ]; then fail lock 1 "cannot open the lock file $lock"; return; fi
+  [ -L "$lock" ] || (umask 077; : >> "$lock") 2>/dev/null
+  if [ -L "$lock" ] || [ ! -r "$lock" ]; then fail lock 1 "cannot open the lock file $lock"; return; fi
   {
     if flock -w "$LOCKWAIT" 9; then "$@"
     else fail lock 1 "another action held $lock for $LOCKWAIT s"; fi

@@ -73,6 +73,7 @@ mount -t devpts -o gid=5,mode=620 devpts /dev/pts
 mountpoint -q /run || mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 mkdir -p /run/lock /run/sshd
+chmod 1777 /run/lock    # as systemd-tmpfiles makes it on Debian (d /run/lock 1777)
 exec </dev/null >/dev/console 2>&1
 say() { read -r up _ < /proc/uptime; echo "oneiscsi-init [$up] $*"; }
 say start

@@ -7,10 +7,8 @@ ssh round trip to the host, never a different decision. It lives in ONEISCSI_STA
 from __future__ import annotations
 
 import os
-import re
 
 from oneiscsi import locks, log
-from oneiscsi.errors import Failure
 
 
 def _dir() -> str:
@@ -43,15 +41,11 @@ def _store(host: str, name: str) -> None:
 
 
 def learn(host: str) -> str:
-    """Read the host's InitiatorName over ssh (one round trip) and cache it."""
-    from oneiscsi import host as hostrun
+    """Read the host's InitiatorName over ssh (one round trip; through `sudo -n cat` where the
+    file is root-only, as on Debian) and cache it."""
+    from oneiscsi.host import iscsi as hostiscsi
     from oneiscsi.san import cli
-    res = hostrun.run(host, "cat /etc/iscsi/initiatorname.iscsi\n", timeout=60, what="initiator name")
-    m = re.search(r"^\s*InitiatorName\s*=\s*(\S+)\s*$", res.stdout or "", re.M)
-    if res.returncode != 0 or not m:
-        raise Failure("EQL_HOST_ACCESS=initiator: cannot read /etc/iscsi/initiatorname.iscsi on host %s (%s)"
-                      % (host, hostrun.last_line(res.stderr) or "exit %d" % res.returncode))
-    name = cli.initiator(m.group(1), "InitiatorName of host %s" % host)
+    name = cli.initiator(hostiscsi.initiator_name(host), "InitiatorName of host %s" % host)
     _store(host, name)
     return name
 
