@@ -36,7 +36,7 @@ ROOT = "~/.cache/oneiscsi"  # where the zipapp unpacks (ONEISCSI_CACHE overrides
 TRIM = re.compile(r"^lxml/(objectify\.|html/|isoschematron/|includes/|sax\.|builder\.|usedoctest|cssselect)"
                   r"|^lxml/.*\.(pyx|pxd|pxi|h)$|\.dist-info/RECORD$")
 
-# The zipapp's __main__.py. Python syntax any python3 can parse, so that an unsupported
+# The zipapp's oneiscsi_boot.py (its __main__.py imports it). Python syntax any python3 can parse, so that an unsupported
 # interpreter gets the one line instead of a SyntaxError.
 BOOT = """\
 # oneiscsi bootstrap, written by build.py: unpacks this build once (common part + the
@@ -124,7 +124,7 @@ def main():
     if not (os.path.isdir(site) and os.path.isdir(abi)):
         _extract(os.path.dirname(os.path.abspath(__file__)), root, base,
                  ((site, "site-packages/"), (abi, "abi/" + tag + "/")))
-    sys.path[:1] = [site, abi]  # in place of the archive itself
+    sys.path[:1] = [site, abi]  # in place of the archive itself (or -c's '')
     from oneiscsi.__main__ import main as run
     run()
 
@@ -255,11 +255,14 @@ def write_zip(path: Path, files: dict, abis: list) -> str:
     boot = BOOT % {"build": build_id, "abis": tuple(abis), "root": ROOT}
     buf = io.BytesIO()
     buf.write(b"#!/usr/bin/env python3\n")
+    # `python3 oneiscsi.pyz` runs __main__.py through runpy (on 3.9 that imports typing:
+    # ~10 ms); install's launcher imports oneiscsi_boot from the archive instead.
+    head = [("__main__.py", (b"import oneiscsi_boot  # noqa\n", False)), ("oneiscsi_boot.py", (boot.encode(), False))]
     with zipfile.ZipFile(buf, "w") as z:
-        for name, (body, exe) in [("__main__.py", (boot.encode(), False))] + sorted(files.items()):
+        for name, (body, exe) in head + sorted(files.items()):
             info = zipfile.ZipInfo(name, ZIP_TIME)
             # the bootstrap stored: reading it then needs no zlib import
-            info.compress_type = zipfile.ZIP_STORED if name == "__main__.py" else zipfile.ZIP_DEFLATED
+            info.compress_type = zipfile.ZIP_STORED if name in dict(head) else zipfile.ZIP_DEFLATED
             info.create_system = 3
             info.external_attr = (0o100755 if exe else 0o100644) << 16
             z.writestr(info, body, compresslevel=9 if name.endswith(".py") else 6)

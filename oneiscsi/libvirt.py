@@ -16,7 +16,7 @@ import sys
 from xml.sax.saxutils import quoteattr
 
 from oneiscsi import host as hostrun, log, validate
-from oneiscsi.errors import Failure, Invalid
+from oneiscsi.errors import Failure, Invalid, UsageError
 
 BUS = {"vd": "virtio", "sd": "scsi", "hd": "ide", "xv": "xen"}
 
@@ -66,14 +66,24 @@ def disk_xml_main(argv) -> int:
     ap.add_argument("--domain", action="store_true", help="wrap it in a minimal <domain> (for validation)")
     ap.add_argument("attrs", nargs="*", metavar="KEY=VALUE", help="DISK attributes (SOURCE=..., ISCSI_HOST=...)")
     a = ap.parse_args(argv)
+    if a.vm is not None and not a.vm.isdigit():
+        raise UsageError("disk-xml: --vm %s is not a VM id: give the number `onevm list` shows"
+                         % validate.show(a.vm))
+    if a.vm and a.xml:
+        raise UsageError("disk-xml: give --vm or --xml, not both")
     if a.vm or a.xml:
         from oneiscsi.one import xml
         if a.vm:
             from oneiscsi.one.rpc import One
             vm = One().vm(a.vm)
         else:
-            with open(a.xml, encoding="utf-8") as f:
-                vm = xml.vm(f.read())
+            try:
+                with open(a.xml, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UsageError("disk-xml: cannot read --xml %s (%s): give a file written by `onevm show -x ID`"
+                                 % (validate.show(a.xml), getattr(e, "strerror", None) or e)) from None
+            vm = xml.vm(text)
         disks = [d for d in vm.disks if (a.disk is None and d["TYPE"].upper() == "ISCSI") or d.disk_id == a.disk]
         if not disks:
             raise Failure("no iSCSI DISK%s in the VM" % ((" with DISK_ID " + a.disk) if a.disk else ""))
@@ -140,7 +150,10 @@ def secret_main(argv) -> int:
     a = ap.parse_args(argv)
     usage = validate.usage(a.usage)
     user = validate.chap_user(a.user)
-    hosts = [validate.hostname(h, "host") for h in a.hosts.split(",") if h]
+    hosts = [validate.hostname(h, "host") for h in a.hosts.split(",") if h.strip()]
+    if not hosts:
+        raise UsageError("secret: --hosts %s names no host: give the hypervisors, comma-separated "
+                         "(--hosts host1,host2)" % validate.show(a.hosts))
     if sys.stdin.isatty():
         import getpass
         password = getpass.getpass("CHAP password for %s: " % user)
