@@ -152,6 +152,7 @@ def run_call(call) -> int:
 
 def print_help(args) -> int:
     base = "oneiscsi.pyz"
+    args = [a for a in args if a not in HELP_WORDS]
     if args and args[0] in ("ds", "tm"):
         kind = args[0]
         print("usage: %s %s <driver> <action> ARGS...\n\ndrivers: %s\nactions: %s\n\nThe arguments are oned's "

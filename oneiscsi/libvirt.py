@@ -112,17 +112,21 @@ cat > "$tmp/secret.xml" <<'ONEISCSI_XML'
 </secret>
 ONEISCSI_XML
 V="virsh -q -c qemu:///system"
+one() { tr '\n' ' ' | cut -c1-300; }
+command -v virsh >/dev/null 2>&1 || { echo "FAIL virsh not found: install libvirt-clients (libvirt-client)"; exit 1; }
+list=$($V secret-list 2>&1) || {
+  echo "FAIL libvirtd cannot be reached on qemu:///system ($(echo "$list" | one)): start libvirtd and let this user use qemu:///system (libvirt group)"; exit 1; }
 find_uuid() { $V secret-list 2>&1 | awk -v u=%(usage_q)s '$2=="iscsi" && $3==u {print $1; exit}'; }
 uuid=$(find_uuid)
 state=updated
 if [ -z "$uuid" ]; then
-  out=$($V secret-define "$tmp/secret.xml" 2>&1) || { echo "FAIL secret-define: $out"; exit 1; }
+  out=$($V secret-define "$tmp/secret.xml" 2>&1) || { echo "FAIL secret-define: $(echo "$out" | one)"; exit 1; }
   uuid=$(find_uuid)
   state=defined
 fi
 [ -n "$uuid" ] || { echo "FAIL no secret uuid"; exit 1; }
 printf '%%s' "$pw" > "$tmp/pw"
-out=$($V secret-set-value --secret "$uuid" --file "$tmp/pw" --plain 2>&1) || { echo "FAIL secret-set-value: $out"; exit 1; }
+out=$($V secret-set-value --secret "$uuid" --file "$tmp/pw" --plain 2>&1) || { echo "FAIL secret-set-value: $(echo "$out" | one)"; exit 1; }
 echo "OK $uuid $state"
 """
 
@@ -134,8 +138,12 @@ def define_secret(host: str, usage: str, user: str, password: str) -> str:
         "usage": usage, "usage_q": hostrun.q(usage)}
     res = hostrun.run(host, script, timeout=60, what="libvirt secret")
     line = hostrun.last_line(res.stdout)
+    if hostrun.unreachable(res):
+        raise Failure("host %s: cannot reach it over ssh (%s): check this user's ssh access to the host"
+                      % (host, hostrun.last_line(res.stderr) or "ssh exit 255"))
     if res.returncode != 0 or not line.startswith("OK "):
-        detail = line[5:] if line.startswith("FAIL ") else hostrun.last_line(res.stderr)
+        detail = line[5:] if line.startswith("FAIL ") else (
+            hostrun.last_line(res.stderr) or "the host script ended with rc %d and said nothing" % res.returncode)
         raise Failure("host %s: cannot define the libvirt secret %s: %s" % (host, usage, detail))
     _, uuid, state = line.split()
     return "%s: secret %s (usage %s) %s" % (host, uuid, usage, state)

@@ -14,6 +14,7 @@ PKGS=(
   qemu-system-x86 debootstrap          # the real-kernel host (QEMU TCG guest)
   fuse3                                # FUSE exports of the iscsiadm stand-in (test hosts)
   open-iscsi                           # the real iscsiadm, to compare the stand-in with (not started)
+  sudo                                 # visudo checks the sudoers line of --selftest --fix sudoers
   iproute2 util-linux rsync procps ca-certificates
 )
 missing=()
