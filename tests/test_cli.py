@@ -52,6 +52,8 @@ def test_help_lists_every_command_and_each_has_its_own(pyz):
     (["install", "--bogus"], {}, "unrecognized arguments: --bogus; see `oneiscsi.pyz install --help`"),
     (["install", "--remotes", "/nonexistent"], {}, "--remotes /nonexistent is not a folder"),
     (["--selftest", "--driver", "nfs"], {}, "invalid choice: 'nfs'"),
+    (["lab", "--one-version", "4.14"], {}, "--one-version '4.14': give MAJOR.MINOR from 5.0 to 7.x"),
+    (["--selftest", "--apply"], {}, "--apply goes with --fix udev or --fix sudoers"),
     (["ds", "iscsi"], {}, None),  # lists drivers and actions: exit 0
 ])
 def test_usage_errors_are_one_line_naming_the_value(pyz, args, env, words):
