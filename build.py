@@ -58,6 +58,9 @@ def _extract(archive, root, base, parts):
     import zipfile
     try:
         os.makedirs(base, exist_ok=True)
+        import fcntl
+        lock = open(os.path.join(base, ".lock"), "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel first starts: one unpacks, the others wait
         with zipfile.ZipFile(archive) as z:
             for dest, prefix in parts:
                 if os.path.isdir(dest):
@@ -81,7 +84,11 @@ def _extract(archive, root, base, parts):
     except OSError as e:
         _say("cannot unpack %%s into %%s (%%s); set ONEISCSI_CACHE to a folder this user can write"
              %% (archive, base, e.strerror or e))
-    _prune(root, base)
+    try:
+        _prune(root, base)
+    except OSError:
+        pass  # pruning is housekeeping: never the reason an action fails
+    lock.close()
 
 
 def _compile(path, final):

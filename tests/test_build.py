@@ -85,3 +85,17 @@ def test_build_without_pip_says_what_to_run(tmp_path):
                              "ONEISCSI_CACHE=/t/cache python3 /t/src/dist/oneiscsi.pyz --version"],
                       binds={str(tmp_path): "/t", WHEELS: "/w"}, env={"ONEISCSI_WHEELS": "/t/wheels"})
     assert res.returncode == 0 and "python 3.11" in res.stdout, res
+
+
+def test_parallel_first_starts_unpack_once(tmp_path):
+    """oned starts many actions at once after an upgrade: all succeed, one unpacked copy."""
+    cache = tmp_path / "cache"
+    env = dict(os.environ, ONEISCSI_CACHE=str(cache))
+    procs = [subprocess.Popen([oneutil.PYTHON, str(oneutil.build_if_stale()), "--version"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(6)]
+    results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+    assert all(rc == 0 and out.startswith("oneiscsi ") and err == "" for out, err, rc in results), results
+    (build,) = os.listdir(cache)
+    tag = subprocess.run([oneutil.PYTHON, "-c", "import sys; print('cp%d%d' % sys.version_info[:2])"],
+                         capture_output=True, text=True).stdout.strip()
+    assert sorted(os.listdir(cache / build)) == [".lock", tag, "site-packages"]
