@@ -103,5 +103,7 @@ if __name__ == "__main__":
     why = usable()
     if why:
         raise SystemExit("tests.pyroots: " + why)
-    for s in SUITES:
-        print(build(s))
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(SUITES)) as pool:  # downloads overlap: ~3 min instead of ~8 cold
+        for path in pool.map(build, SUITES):
+            print(path)
