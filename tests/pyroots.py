@@ -58,7 +58,7 @@ def build(suite: str) -> str:
             return final
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        debs = os.path.join(cache_dir(), "debs")
+        debs = os.path.join(cache_dir(), "debs", suite)  # one per suite: builds run in parallel
         os.makedirs(debs, exist_ok=True)
         res = subprocess.run(["debootstrap", "--variant=minbase", "--cache-dir=" + debs,
                               "--include=" + ",".join(PACKAGES), suite, tmp, _mirror()],
