@@ -28,6 +28,7 @@ TM_ACTIONS = ("clone", "ln", "mv", "mvds", "cpds", "delete", "premigrate", "post
 MIGRATE = ("premigrate", "postmigrate", "failmigrate")
 OPERATOR = {
     "--version": ("oneiscsi.dispatch", "print_version"),
+    "help": ("oneiscsi.dispatch", "print_help"),
     "--selftest": ("oneiscsi.selftest", "main"),
     "install": ("oneiscsi.install", "install_main"),
     "uninstall": ("oneiscsi.install", "uninstall_main"),
@@ -37,6 +38,21 @@ OPERATOR = {
     "reconcile": ("oneiscsi.drivers.eqliscsi.reconcile", "main"),
 }
 LAUNCHERS = ("oneiscsi", "oneiscsi.pyz", "__main__.py")
+# What `--help` shows: every command, in the order an operator meets them.
+COMMANDS = (
+    ("install", "put the drivers into an OpenNebula remotes tree, print the oned.conf entries"),
+    ("uninstall", "take them out again and restore what install replaced"),
+    ("--selftest", "check this host (or HOSTs over ssh) for what the drivers it serves need"),
+    ("secret", "define the libvirt CHAP secret of an iscsi datastore on hosts (password on stdin)"),
+    ("disk-xml", "print the libvirt disk XML oned writes for an iSCSI disk"),
+    ("reconcile", "list (--fix: clean up) eqliscsi sessions and access records no VM needs"),
+    ("lab", "the end-to-end demo on this machine (root; loopback and namespaces only)"),
+    ("ds", "ds <driver> <action> ARGS...: run a datastore action by hand, as oned would"),
+    ("tm", "tm <driver> <action> ARGS...: run a transfer action by hand, as oned would"),
+    ("--version", "print the version, the commit and the running Python"),
+    ("help", "this text (also -h, --help); `<command> --help` for a command's options"),
+)
+HELP_WORDS = ("-h", "--help", "help")
 
 UNDERSTOOD = ("understood: <remotes>/datastore/{iscsi,iscsi_libvirt,eqliscsi}/<action>, "
               "<remotes>/tm/<driver>/<action>[.<system_tm>], tm/<system_tm>/{pre,post,fail}migrate "
@@ -75,11 +91,18 @@ def resolve(argv0: str, args: list):
                     raise UsageError("unknown driver %r; known: %s" % (driver, ", ".join(DRIVERS)))
             return Route(kind, driver, action, args, sys_tm=suffix)
     if base in LAUNCHERS or base.endswith(".pyz"):
-        if not args or args[0] in ("-h", "--help", "help"):
-            raise UsageError("usage: %s ds|tm <driver> <action> ARGS... | <command>; %s" % (base, UNDERSTOOD))
+        if not args:
+            raise UsageError("usage: %s <command> [ARGS...]; `%s --help` lists the commands" % (base, base))
+        if args[0] in HELP_WORDS:
+            if args[1:2] and args[1] in OPERATOR:  # help install == install --help
+                return ("op", args[1], ["--help"])
+            return ("op", "help", args[1:2])
         if args[0] in ("ds", "tm"):
+            if len(args) >= 2 and args[1] in HELP_WORDS or len(args) == 2 and args[1] in DRIVERS:
+                return ("op", "help", [args[0]])
             if len(args) < 3:
-                raise UsageError("usage: %s %s <driver> <action> ARGS..." % (base, args[0]))
+                raise UsageError("usage: %s %s <driver> <action> ARGS...; `%s %s --help` lists drivers and actions"
+                                 % (base, args[0], base, args[0]))
             kind, driver, action = args[0], args[1], args[2]
             action, _, suffix = action.partition(".")
             if driver not in DRIVERS:
@@ -127,8 +150,32 @@ def run_call(call) -> int:
     return 0 if rc is None else int(rc)
 
 
+def print_help(args) -> int:
+    base = "oneiscsi.pyz"
+    args = [a for a in args if a not in HELP_WORDS]
+    if args and args[0] in ("ds", "tm"):
+        kind = args[0]
+        print("usage: %s %s <driver> <action> ARGS...\n\ndrivers: %s\nactions: %s\n\nThe arguments are oned's "
+              "(see the OpenNebula storage driver documentation); installed actions get them from oned." % (
+                  base, kind, ", ".join(DRIVERS), ", ".join(DS_ACTIONS if kind == "ds" else TM_ACTIONS)))
+        return 0
+    if args:
+        raise UsageError("help: unknown command %r; `%s --help` lists the commands" % (args[0], base))
+    width = max(len(c) for c, _ in COMMANDS)
+    print("oneiscsi: OpenNebula storage drivers for iSCSI (iscsi, iscsi_libvirt) and Dell EqualLogic (eqliscsi)\n")
+    print("usage: %s <command> [ARGS...]\n\ncommands:" % base)
+    for name, what in COMMANDS:
+        print("  %-*s  %s" % (width, name, what))
+    print("\nInstalled, the same file runs as the driver actions: <remotes>/datastore/<driver>/<action> and\n"
+          "<remotes>/tm/<driver>/<action> (links made by install), or ds-<action> / tm-<action>.")
+    return 0
+
+
 def print_version(args) -> int:
     import oneiscsi
+    if args[:1] in (["-h"], ["--help"]):
+        print("usage: oneiscsi.pyz --version\n\nPrints the version, the commit it was built from and the Python running it.")
+        return 0
     print("oneiscsi %s (%s) python %d.%d" % (oneiscsi.__version__, oneiscsi.__commit__, *sys.version_info[:2]))
     return 0
 
@@ -148,6 +195,28 @@ def report_failure(message: str, wire) -> None:
     sys.stderr.flush()
 
 
+def _usage_error(parser, message):
+    raise UsageError("%s: %s; see `%s --help`" % (parser.prog, message, parser.prog))
+
+
+def _bug_details(e: BaseException) -> str:
+    """Where the traceback of an unexpected error went: the log file, else a private file."""
+    if log.logfile_path() == "-":
+        return "run with ONEISCSI_LOG set to a file for the traceback"
+    if log._logfile() is not None:
+        log.exception(e)
+        return "details in %s" % log.logfile_path()
+    import tempfile
+    import traceback
+    try:
+        fd, path = tempfile.mkstemp(prefix="oneiscsi-error-", suffix=".log")  # 0600
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    except OSError:
+        return "the log file %s cannot be written either: run with ONEISCSI_LOG=FILE" % log.logfile_path()
+    return "details in %s (the log file %s cannot be written)" % (path, log.logfile_path())
+
+
 def _terminated(signum, frame):
     raise Failure("terminated by signal %d (oned's driver timeout?); cleanup done" % signum)
 
@@ -162,6 +231,8 @@ def main(argv: list) -> int:
         if isinstance(route, tuple):
             _, name, args = route
             log.configure("oneiscsi " + name)
+            import argparse
+            argparse.ArgumentParser.error = _usage_error  # every command: one line, exit 2
             module, func = OPERATOR[name]
             return int(getattr(importlib.import_module(module), func)(args) or 0)
         from oneiscsi.one.version import Wire, detect, remotes_dir
@@ -180,6 +251,5 @@ def main(argv: list) -> int:
     except BrokenPipeError:
         return 1
     except Exception as e:  # the error boundary: never a traceback on stderr
-        log.exception(e)
-        report_failure("internal error (%s: %s); details in %s" % (type(e).__name__, e, log.logfile_path()), wire)
+        report_failure("internal error (%s: %s); %s" % (type(e).__name__, e, _bug_details(e)), wire)
         return 1

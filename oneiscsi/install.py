@@ -24,7 +24,7 @@ import shutil
 import sys
 
 from oneiscsi.dispatch import DRIVERS, actions_of
-from oneiscsi.errors import Failure
+from oneiscsi.errors import Failure, UsageError
 
 HOME = "oneiscsi"
 LAUNCHER = """#!/bin/sh
@@ -32,10 +32,16 @@ LAUNCHER = """#!/bin/sh
 # name of an action (a symlink such as datastore/iscsi/cp); that path selects the action.
 ONEISCSI_ARGV0=$0
 export ONEISCSI_ARGV0
-exec ${ONEISCSI_PYTHON:-%(python)s} "${ONEISCSI_PYZ:-%(pyz)s}" "$@"
+exec ${ONEISCSI_PYTHON:-%(python)s} -c 'import sys; sys.argv[0] = sys.argv.pop(1); sys.path[0] = sys.argv[0]; import oneiscsi_boot' "${ONEISCSI_PYZ:-%(pyz)s}" "$@"
 """
 MIGRATE_WRAPPED = ("premigrate", "postmigrate")
 ORIG_SUFFIX = ".oneiscsi-orig"
+ISCSI_DRIVERS = ("iscsi", "iscsi_libvirt")
+# OpenNebula 4.x has no DISK_TYPE="ISCSI": Image::str_to_disk_type knows FILE, BLOCK,
+# CDROM, RBD, SHEEPDOG, GLUSTER at release-4.14.2 and adds ISCSI at release-5.0
+# (src/image/Image.cc). The legacy migrate wrappers are for 4.x only: 5.0+ calls the image
+# driver's pre/postmigrate itself (migrate_other).
+ISCSI_SINCE = (5, 0)
 
 
 def _manifest_path(remotes):
@@ -45,9 +51,12 @@ def _manifest_path(remotes):
 def _load(remotes):
     try:
         with open(_manifest_path(remotes), encoding="utf-8") as f:
-            return json.load(f)
+            m = json.load(f)
     except (OSError, ValueError):
-        return {"links": [], "backups": {}, "wrappers": []}
+        m = {}
+    for key, empty in (("links", []), ("backups", {}), ("wrappers", []), ("dirs", [])):
+        m.setdefault(key, empty)
+    return m
 
 
 def _save(remotes, manifest):
@@ -61,23 +70,56 @@ def _is_ours(path, target):
     return os.path.islink(path) and os.readlink(path) == target
 
 
-def _place_link(remotes, rel, manifest, out):
+class _Undo:
+    """What this run changed, undone in reverse order if it fails half-way."""
+
+    def __init__(self):
+        self.steps = []
+
+    def add(self, fn, *args):
+        self.steps.append((fn, args))
+
+    def run(self):
+        for fn, args in reversed(self.steps):
+            try:
+                fn(*args)
+            except OSError:
+                pass
+
+
+def _makedirs(remotes, rel, manifest, undo):
+    """Create REMOTES/rel and its missing parents, remembering each folder it made."""
+    missing = []
+    d = rel
+    while d and not os.path.isdir(os.path.join(remotes, d)):
+        missing.append(d)
+        d = os.path.dirname(d)
+    for d in reversed(missing):
+        os.mkdir(os.path.join(remotes, d))
+        undo.add(os.rmdir, os.path.join(remotes, d))
+        if d not in manifest["dirs"]:
+            manifest["dirs"].append(d)
+
+
+def _place_link(remotes, rel, manifest, out, undo):
     """Make REMOTES/rel a link to the launcher; back up whatever was there."""
     path = os.path.join(remotes, rel)
     target = os.path.relpath(os.path.join(remotes, HOME, HOME), os.path.dirname(path))
     if _is_ours(path, target):
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _makedirs(remotes, os.path.dirname(rel), manifest, undo)
     if os.path.lexists(path):
-        backup = os.path.join(remotes, HOME, "backup", rel)
+        backup = os.path.join(HOME, "backup", rel)
         if rel in manifest["backups"]:  # replaced again after an upgrade of OpenNebula: keep the first
             os.remove(path)
         else:
-            os.makedirs(os.path.dirname(backup), exist_ok=True)
-            os.replace(path, backup)
-            manifest["backups"][rel] = os.path.relpath(backup, remotes)
+            _makedirs(remotes, os.path.dirname(backup), manifest, undo)
+            os.replace(path, os.path.join(remotes, backup))
+            undo.add(os.replace, os.path.join(remotes, backup), path)
+            manifest["backups"][rel] = backup
             out.append("backed up %s" % rel)
     os.symlink(target, path)
+    undo.add(os.remove, path)
     if rel not in manifest["links"]:
         manifest["links"].append(rel)
 
@@ -89,31 +131,70 @@ def _self_pyz():
     return path
 
 
-def install(remotes, drivers, wrappers=(), python="python3"):
-    out = []
-    remotes = os.path.abspath(remotes)
+def check(remotes, drivers, wrappers):
+    """Everything install refuses, before it changes anything."""
+    from oneiscsi.one.version import detect
     if not os.path.isdir(remotes):
-        raise Failure("%s is not a directory (give the OpenNebula remotes tree with --remotes)" % remotes)
-    home = os.path.join(remotes, HOME)
-    os.makedirs(home, exist_ok=True)
+        raise UsageError("install: --remotes %s is not a folder: give the OpenNebula remotes tree "
+                         "(/var/lib/one/remotes)" % remotes)
+    version = detect(remotes)
+    shown = "%d.%d" % version if os.path.exists(os.path.join(remotes, "VERSION")) else "7.x (no VERSION file)"
+    iscsi = [d for d in drivers if d in ISCSI_DRIVERS]
+    if iscsi and version < ISCSI_SINCE:
+        raise UsageError("install: the %s driver needs OpenNebula 5.0 or newer (4.x has no DISK_TYPE=ISCSI) and "
+                         "%s/VERSION says %s: install --drivers eqliscsi" % (iscsi[0], remotes, shown))
+    if wrappers and version >= ISCSI_SINCE:
+        raise UsageError("install: --legacy-migrate-wrappers are for OpenNebula 4.x and %s/VERSION says %s "
+                         "(5.0+ calls the drivers' premigrate itself): leave the option out" % (remotes, shown))
     manifest = _load(remotes)
-    for sys_tm in wrappers:  # check before changing anything
+    for sys_tm in wrappers:
         for action in MIGRATE_WRAPPED:
             rel = os.path.join("tm", sys_tm, action)
             if not os.path.lexists(os.path.join(remotes, rel)) and rel not in manifest["wrappers"]:
-                raise Failure("%s does not exist: is %s a system datastore TM driver?" % (rel, sys_tm))
+                raise UsageError("install: --legacy-migrate-wrappers %s: %s/%s does not exist; give system "
+                                 "datastore TM drivers (shared, ssh, ...)" % (sys_tm, remotes, rel))
+    for d in [remotes] + [os.path.join(remotes, x) for x in ("datastore", "tm", HOME)]:
+        if os.path.isdir(d) and not os.access(d, os.W_OK | os.X_OK):
+            raise Failure("install: cannot write into %s: run install as the owner of the remotes tree "
+                          "(oneadmin)" % d)
+
+
+def install(remotes, drivers, wrappers=(), python="python3"):
+    remotes = os.path.abspath(remotes)
+    check(remotes, drivers, wrappers)
     src = _self_pyz()
+    out, undo = [], _Undo()
+    manifest = _load(remotes)
+    try:
+        _install(remotes, drivers, wrappers, python, src, manifest, out, undo)
+    except BaseException as e:
+        undo.run()  # the manifest is written last: an undone run leaves the previous one
+        if isinstance(e, OSError):
+            raise Failure("install: %s%s (%s); nothing was changed" % (
+                "cannot write " if e.errno in (13, 30, 1) else "failed on ", e.filename or remotes,
+                e.strerror or e)) from None
+        raise
+    return out
+
+
+def _install(remotes, drivers, wrappers, python, src, manifest, out, undo):
+    home = os.path.join(remotes, HOME)
+    _makedirs(remotes, HOME, manifest, undo)
     pyz = os.path.join(home, "oneiscsi.pyz")
-    if os.path.realpath(src) != os.path.realpath(pyz):
-        tmp = pyz + ".tmp"
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, pyz)
-    launcher = os.path.join(home, HOME)
-    with open(launcher + ".tmp", "w", encoding="utf-8") as f:
-        f.write(LAUNCHER % {"python": python, "pyz": pyz})
-    os.chmod(launcher + ".tmp", 0o755)
-    os.replace(launcher + ".tmp", launcher)
+    for name, write in (("oneiscsi.pyz", lambda tmp: shutil.copyfile(src, tmp)),
+                        (HOME, lambda tmp: open(tmp, "w", encoding="utf-8").write(
+                            LAUNCHER % {"python": python, "pyz": pyz}))):
+        path = os.path.join(home, name)
+        if name == "oneiscsi.pyz" and os.path.realpath(src) == os.path.realpath(path):
+            continue
+        undo.add(lambda p: os.path.exists(p) and os.remove(p), path + ".tmp")
+        write(path + ".tmp")
+        os.chmod(path + ".tmp", 0o755)
+        if os.path.exists(path):
+            os.replace(path, path + ".old")
+            undo.add(os.replace, path + ".old", path)
+        os.replace(path + ".tmp", path)
+        undo.add(os.remove, path)
 
     for drv in drivers:
         for kind, kind_dir in (("ds", "datastore"), ("tm", "tm")):
@@ -123,9 +204,10 @@ def install(remotes, drivers, wrappers=(), python="python3"):
                 out.append("skipped %s/%s: %s" % (kind_dir, drv, e))
                 continue
             for action in sorted(table):
-                _place_link(remotes, os.path.join(kind_dir, drv, action), manifest, out)
+                _place_link(remotes, os.path.join(kind_dir, drv, action), manifest, out, undo)
             out.append("installed %s/%s" % (kind_dir, drv))
 
+    launcher = os.path.join(home, HOME)
     for sys_tm in wrappers:
         for action in MIGRATE_WRAPPED:
             rel = os.path.join("tm", sys_tm, action)
@@ -134,16 +216,27 @@ def install(remotes, drivers, wrappers=(), python="python3"):
             if _is_ours(path, target):
                 continue
             os.replace(path, path + ORIG_SUFFIX)  # a relative symlink keeps working: same directory
+            undo.add(os.replace, path + ORIG_SUFFIX, path)
             os.symlink(target, path)
+            undo.add(os.remove, path)
             if rel not in manifest["wrappers"]:
                 manifest["wrappers"].append(rel)
             out.append("wrapped %s (original kept as %s%s)" % (rel, action, ORIG_SUFFIX))
     _save(remotes, manifest)
-    return out
+    for name in ("oneiscsi.pyz", HOME):  # committed: the previous copies go
+        old = os.path.join(home, name + ".old")
+        if os.path.exists(old):
+            os.remove(old)
 
 
 def uninstall(remotes):
     remotes = os.path.abspath(remotes)
+    if not os.path.isdir(remotes):
+        raise UsageError("uninstall: --remotes %s is not a folder: give the OpenNebula remotes tree "
+                         "install used" % remotes)
+    if not os.path.exists(_manifest_path(remotes)):
+        return ["nothing to uninstall: %s has no %s (not installed there, or already uninstalled)"
+                % (remotes, os.path.join(HOME, "manifest.json"))]
     manifest = _load(remotes)
     launcher = os.path.join(remotes, HOME, HOME)
     out = []
@@ -162,14 +255,14 @@ def uninstall(remotes):
         if backup and os.path.lexists(os.path.join(remotes, backup)) and not os.path.lexists(path):
             os.replace(os.path.join(remotes, backup), path)
             out.append("restored %s" % rel)
-    for kind_dir in ("datastore", "tm"):
-        for drv in DRIVERS:
-            d = os.path.join(remotes, kind_dir, drv)
-            if os.path.isdir(d) and not os.listdir(d):
-                os.rmdir(d)
     if os.path.isdir(os.path.join(remotes, HOME)):
         shutil.rmtree(os.path.join(remotes, HOME))
         out.append("removed %s" % os.path.join(remotes, HOME))
+    # the folders install made, deepest first, where nothing else was put since
+    for rel in sorted(manifest["dirs"], key=lambda d: d.count(os.sep), reverse=True):
+        d = os.path.join(remotes, rel)
+        if os.path.isdir(d) and not os.path.islink(d) and not os.listdir(d):
+            os.rmdir(d)
     return out
 
 
@@ -218,18 +311,31 @@ def _parser(name):
 
 def install_main(argv) -> int:
     ap = _parser("install")
-    ap.add_argument("--drivers", default="iscsi,iscsi_libvirt,eqliscsi",
-                    help="comma-separated drivers to install (default: all)")
+    ap.add_argument("--drivers", default=None,
+                    help="comma-separated drivers to install (default: iscsi,iscsi_libvirt,eqliscsi; "
+                         "eqliscsi alone on OpenNebula 4.x)")
     ap.add_argument("--legacy-migrate-wrappers", nargs="?", const="shared,ssh", default="",
                     metavar="SYSTEM_TMS",
-                    help="OpenNebula 4.x: wrap tm/<system>/premigrate and postmigrate (default shared,ssh)")
+                    help="OpenNebula 4.x only: wrap tm/<system>/premigrate and postmigrate (default shared,ssh)")
     ap.add_argument("--python", default="python3", help="interpreter the launcher runs (default python3)")
     a = ap.parse_args(argv)
-    drivers = [d for d in a.drivers.split(",") if d]
+    if a.drivers is not None:
+        drivers = [d.strip() for d in a.drivers.split(",") if d.strip()]
+    else:
+        from oneiscsi.one.version import detect
+        drivers = list(DRIVERS) if detect(os.path.abspath(a.remotes)) >= ISCSI_SINCE else ["eqliscsi"]
+    if not drivers:
+        raise UsageError("install: --drivers %r names no driver: give some of %s" % (a.drivers, ",".join(DRIVERS)))
     unknown = [d for d in drivers if d not in DRIVERS]
     if unknown:
-        raise Failure("unknown driver(s) %s; known: %s" % (", ".join(unknown), ", ".join(DRIVERS)))
-    wrappers = [w for w in a.legacy_migrate_wrappers.split(",") if w]
+        raise UsageError("install: unknown driver %r in --drivers; known: %s" % (unknown[0], ",".join(DRIVERS)))
+    wrappers = [w.strip() for w in a.legacy_migrate_wrappers.split(",") if w.strip()]
+    if a.legacy_migrate_wrappers and not wrappers:
+        raise UsageError("install: --legacy-migrate-wrappers %r names no system TM driver: give shared,ssh "
+                         "or leave the value out" % a.legacy_migrate_wrappers)
+    for w in wrappers:
+        if not w.replace("_", "").replace("-", "").isalnum():
+            raise UsageError("install: --legacy-migrate-wrappers %r is not a TM driver name" % w)
     for line in install(a.remotes, drivers, wrappers, a.python):
         print(line)
     print(oned_conf(drivers))

@@ -331,9 +331,14 @@ def main(argv) -> int:
         return int(eql.main(argv[1:]) or 0)
     ap = argparse.ArgumentParser(prog="oneiscsi.pyz lab", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--one-version", default="6.8", help="OpenNebula version to play (default 6.8)")
+    ap.add_argument("--one-version", default="6.8", help="OpenNebula version to play, 5.0 to 7.x (default 6.8)")
     ap.add_argument("--workdir", help="keep files here (default: a temporary directory)")
     a = ap.parse_args(argv)
+    import re
+    m = re.match(r"(\d+)\.(\d+)$", a.one_version)
+    if not m or not (5, 0) <= (int(m.group(1)), int(m.group(2))) < (8, 0):
+        ap.error("--one-version %r: give MAJOR.MINOR from 5.0 to 7.x (the lab plays the iscsi driver too, "
+                 "which needs 5.0+)" % a.one_version)
     if os.geteuid() != 0:
         say("lab: run as root (it creates network namespaces and starts tgtd, sshd and libvirtd)")
         return 1

@@ -16,7 +16,7 @@ import sys
 from xml.sax.saxutils import quoteattr
 
 from oneiscsi import host as hostrun, log, validate
-from oneiscsi.errors import Failure, Invalid
+from oneiscsi.errors import Failure, Invalid, UsageError
 
 BUS = {"vd": "virtio", "sd": "scsi", "hd": "ide", "xv": "xen"}
 
@@ -66,14 +66,24 @@ def disk_xml_main(argv) -> int:
     ap.add_argument("--domain", action="store_true", help="wrap it in a minimal <domain> (for validation)")
     ap.add_argument("attrs", nargs="*", metavar="KEY=VALUE", help="DISK attributes (SOURCE=..., ISCSI_HOST=...)")
     a = ap.parse_args(argv)
+    if a.vm is not None and not a.vm.isdigit():
+        raise UsageError("disk-xml: --vm %s is not a VM id: give the number `onevm list` shows"
+                         % validate.show(a.vm))
+    if a.vm and a.xml:
+        raise UsageError("disk-xml: give --vm or --xml, not both")
     if a.vm or a.xml:
         from oneiscsi.one import xml
         if a.vm:
             from oneiscsi.one.rpc import One
             vm = One().vm(a.vm)
         else:
-            with open(a.xml, encoding="utf-8") as f:
-                vm = xml.vm(f.read())
+            try:
+                with open(a.xml, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UsageError("disk-xml: cannot read --xml %s (%s): give a file written by `onevm show -x ID`"
+                                 % (validate.show(a.xml), getattr(e, "strerror", None) or e)) from None
+            vm = xml.vm(text)
         disks = [d for d in vm.disks if (a.disk is None and d["TYPE"].upper() == "ISCSI") or d.disk_id == a.disk]
         if not disks:
             raise Failure("no iSCSI DISK%s in the VM" % ((" with DISK_ID " + a.disk) if a.disk else ""))
@@ -102,17 +112,21 @@ cat > "$tmp/secret.xml" <<'ONEISCSI_XML'
 </secret>
 ONEISCSI_XML
 V="virsh -q -c qemu:///system"
+one() { tr '\n' ' ' | cut -c1-300; }
+command -v virsh >/dev/null 2>&1 || { echo "FAIL virsh not found: install libvirt-clients (libvirt-client)"; exit 1; }
+list=$($V secret-list 2>&1) || {
+  echo "FAIL libvirtd cannot be reached on qemu:///system ($(echo "$list" | one)): start libvirtd and let this user use qemu:///system (libvirt group)"; exit 1; }
 find_uuid() { $V secret-list 2>&1 | awk -v u=%(usage_q)s '$2=="iscsi" && $3==u {print $1; exit}'; }
 uuid=$(find_uuid)
 state=updated
 if [ -z "$uuid" ]; then
-  out=$($V secret-define "$tmp/secret.xml" 2>&1) || { echo "FAIL secret-define: $out"; exit 1; }
+  out=$($V secret-define "$tmp/secret.xml" 2>&1) || { echo "FAIL secret-define: $(echo "$out" | one)"; exit 1; }
   uuid=$(find_uuid)
   state=defined
 fi
 [ -n "$uuid" ] || { echo "FAIL no secret uuid"; exit 1; }
 printf '%%s' "$pw" > "$tmp/pw"
-out=$($V secret-set-value --secret "$uuid" --file "$tmp/pw" --plain 2>&1) || { echo "FAIL secret-set-value: $out"; exit 1; }
+out=$($V secret-set-value --secret "$uuid" --file "$tmp/pw" --plain 2>&1) || { echo "FAIL secret-set-value: $(echo "$out" | one)"; exit 1; }
 echo "OK $uuid $state"
 """
 
@@ -124,8 +138,12 @@ def define_secret(host: str, usage: str, user: str, password: str) -> str:
         "usage": usage, "usage_q": hostrun.q(usage)}
     res = hostrun.run(host, script, timeout=60, what="libvirt secret")
     line = hostrun.last_line(res.stdout)
+    if hostrun.unreachable(res):
+        raise Failure("host %s: cannot reach it over ssh (%s): check this user's ssh access to the host"
+                      % (host, hostrun.last_line(res.stderr) or "ssh exit 255"))
     if res.returncode != 0 or not line.startswith("OK "):
-        detail = line[5:] if line.startswith("FAIL ") else hostrun.last_line(res.stderr)
+        detail = line[5:] if line.startswith("FAIL ") else (
+            hostrun.last_line(res.stderr) or "the host script ended with rc %d and said nothing" % res.returncode)
         raise Failure("host %s: cannot define the libvirt secret %s: %s" % (host, usage, detail))
     _, uuid, state = line.split()
     return "%s: secret %s (usage %s) %s" % (host, uuid, usage, state)
@@ -140,7 +158,10 @@ def secret_main(argv) -> int:
     a = ap.parse_args(argv)
     usage = validate.usage(a.usage)
     user = validate.chap_user(a.user)
-    hosts = [validate.hostname(h, "host") for h in a.hosts.split(",") if h]
+    hosts = [validate.hostname(h, "host") for h in a.hosts.split(",") if h.strip()]
+    if not hosts:
+        raise UsageError("secret: --hosts %s names no host: give the hypervisors, comma-separated "
+                         "(--hosts host1,host2)" % validate.show(a.hosts))
     if sys.stdin.isatty():
         import getpass
         password = getpass.getpass("CHAP password for %s: " % user)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a fresh Debian 12 machine needs to build oneiscsi, run its tests and its lab
 # demo: Debian packages, the lab's users, a venv (.venv) and dist/oneiscsi.pyz.
-# Idempotent and quick once done. Run as root.
+# Idempotent and quick once done. Run as root. tests/cleanup.sh undoes it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "tests/setup.sh: run as root (it installs packages and makes network namespaces)" >&2; exit 1; }
@@ -14,6 +14,7 @@ PKGS=(
   qemu-system-x86 debootstrap          # the real-kernel host (QEMU TCG guest)
   fuse3                                # FUSE exports of the iscsiadm stand-in (test hosts)
   open-iscsi                           # the real iscsiadm, to compare the stand-in with (not started)
+  sudo                                 # visudo checks the sudoers line of --selftest --fix sudoers
   iproute2 util-linux rsync procps ca-certificates
 )
 missing=()
@@ -22,6 +23,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
+  # what tests/cleanup.sh --all may purge: only what this script installed
+  mkdir -p /var/cache/oneiscsi-setup
+  printf '%s\n' "${missing[@]}" >> /var/cache/oneiscsi-setup/installed-packages
 fi
 mkdir -p /run/sshd
 

@@ -64,23 +64,17 @@ def tree(root):
 
 def test_install_uninstall_restores_exactly_and_is_idempotent(pyz, tmp_path):
     remotes = tmp_path / "remotes"
-    (remotes / "tm" / "shared").mkdir(parents=True)
-    (remotes / "tm" / "common").mkdir(parents=True)
-    (remotes / "tm" / "common" / "premigrate").write_text("#!/bin/sh\nexit 0\n")
-    (remotes / "tm" / "shared" / "premigrate").symlink_to("../common/premigrate")
-    (remotes / "tm" / "shared" / "postmigrate").write_text("#!/bin/sh\necho custom\n")
     (remotes / "datastore" / "iscsi_libvirt").mkdir(parents=True)
     (remotes / "datastore" / "iscsi_libvirt" / "cp").symlink_to("../dev/cp")
-    (remotes / "VERSION").write_text("4.14.2\n")
+    (remotes / "VERSION").write_text("6.8.0\n")
     before = tree(remotes)
     for _ in range(2):
-        res = pyz_run(["install", "--remotes", str(remotes), "--legacy-migrate-wrappers", "shared"])
+        res = pyz_run(["install", "--remotes", str(remotes)])
         assert res.returncode == 0, res.stderr
     out = res.stdout
     assert 'PERSISTENT_ONLY = "YES"' in out and 'REQUIRED_ATTRS = "DISK_TYPE,ISCSI_HOST"' in out
     assert 'INHERIT_IMAGE_ATTR = "ISCSI_IQN"' in out and "TM_MAD_CONF" in out
     assert os.readlink(remotes / "datastore" / "iscsi" / "cp") == "../../oneiscsi/oneiscsi"
-    assert os.path.islink(remotes / "tm" / "shared" / "premigrate.oneiscsi-orig")
     assert (remotes / "oneiscsi" / "backup" / "datastore" / "iscsi_libvirt" / "cp").is_symlink()
     # an installed action works through the launcher
     res = oneutil.run(remotes / "datastore" / "iscsi" / "monitor", ["1"])
@@ -89,6 +83,70 @@ def test_install_uninstall_restores_exactly_and_is_idempotent(pyz, tmp_path):
         res = pyz_run(["uninstall", "--remotes", str(remotes)])
         assert res.returncode == 0, res.stderr
     assert tree(remotes) == before
+    assert sorted(os.listdir(remotes)) == ["VERSION", "datastore"]  # tm/ and datastore/iscsi made by install: gone
+    assert os.listdir(remotes / "datastore") == ["iscsi_libvirt"]
+    assert res.stdout.startswith("nothing to uninstall: ")  # the second time
+
+
+def test_legacy_wrappers_on_4x_install_and_uninstall_exactly(pyz, tmp_path):
+    remotes = tmp_path / "remotes"
+    (remotes / "tm" / "shared").mkdir(parents=True)
+    (remotes / "tm" / "common").mkdir(parents=True)
+    (remotes / "tm" / "common" / "premigrate").write_text("#!/bin/sh\nexit 0\n")
+    (remotes / "tm" / "shared" / "premigrate").symlink_to("../common/premigrate")
+    (remotes / "tm" / "shared" / "postmigrate").write_text("#!/bin/sh\necho custom\n")
+    (remotes / "VERSION").write_text("4.14.2\n")
+    before = tree(remotes)
+    for _ in range(2):
+        res = pyz_run(["install", "--remotes", str(remotes), "--legacy-migrate-wrappers", "shared"])
+        assert res.returncode == 0, res.stderr
+    assert "installed datastore/eqliscsi" in res.stdout and "iscsi_libvirt" not in res.stdout  # 4.x: eqliscsi alone
+    assert os.path.islink(remotes / "tm" / "shared" / "premigrate.oneiscsi-orig")
+    pyz_run(["uninstall", "--remotes", str(remotes)])
+    assert tree(remotes) == before and sorted(os.listdir(remotes)) == ["VERSION", "tm"]
+
+
+def test_install_refuses_meaningless_input_before_changing_anything(pyz, tmp_path):
+    remotes = tmp_path / "remotes"
+    (remotes / "tm" / "shared").mkdir(parents=True)
+    (remotes / "tm" / "shared" / "premigrate").write_text("#!/bin/sh\n")
+    (remotes / "tm" / "shared" / "postmigrate").write_text("#!/bin/sh\n")
+    cases = [
+        ("6.8.0", ["--drivers", ""], "--drivers '' names no driver"),
+        ("6.8.0", ["--drivers", "iscsi,foo"], "unknown driver 'foo'"),
+        ("4.14.2", ["--legacy-migrate-wrappers", "bogus"], "tm/bogus/premigrate does not exist"),
+        ("6.8.0", ["--legacy-migrate-wrappers", "shared"], "are for OpenNebula 4.x and %s/VERSION says 6.8" % remotes),
+        ("4.14.2", ["--drivers", "iscsi"], "the iscsi driver needs OpenNebula 5.0 or newer (4.x has no DISK_TYPE=ISCSI)"),
+        ("4.14.2", ["--drivers", "eqliscsi,iscsi_libvirt"], "the iscsi_libvirt driver needs OpenNebula 5.0"),
+    ]
+    for version, args, words in cases:
+        (remotes / "VERSION").write_text(version + "\n")
+        before = tree(remotes)
+        res = pyz_run(["install", "--remotes", str(remotes)] + args)
+        assert res.returncode == 2 and res.stdout == "", (args, res)
+        assert res.stderr.count("\n") == 1 and words in res.stderr, (args, res.stderr)
+        assert tree(remotes) == before and sorted(os.listdir(remotes)) == ["VERSION", "tm"]
+    res = pyz_run(["uninstall", "--remotes", str(tmp_path / "nonexistent")])
+    assert res.returncode == 2 and "is not a folder" in res.stderr
+
+
+def test_failed_install_leaves_the_tree_as_it_was(pyz, tmp_path):
+    """A failure half-way (here a file where the last driver's folder goes, after the
+    executable, the launcher, the iscsi links and a backup are in place) undoes the run."""
+    remotes = tmp_path / "remotes"
+    (remotes / "datastore" / "iscsi_libvirt").mkdir(parents=True)
+    (remotes / "datastore" / "iscsi_libvirt" / "cp").symlink_to("../dev/cp")
+    (remotes / "tm").mkdir()
+    (remotes / "tm" / "eqliscsi").write_text("in the way\n")
+    (remotes / "VERSION").write_text("6.8.0\n")
+    before = tree(remotes)
+    res = pyz_run(["install", "--remotes", str(remotes)])
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res
+    assert "tm/eqliscsi" in res.stderr and "nothing was changed" in res.stderr, res.stderr
+    assert "internal error" not in res.stderr
+    assert tree(remotes) == before
+    assert sorted(os.listdir(remotes)) == ["VERSION", "datastore", "tm"]
+    assert os.listdir(remotes / "tm") == ["eqliscsi"] and os.listdir(remotes / "datastore") == ["iscsi_libvirt"]
 
 
 def test_rsync_dereferenced_copy_holds_one_executable(pyz, remotes, tmp_path):

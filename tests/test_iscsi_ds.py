@@ -8,7 +8,8 @@ SEED_DS = {"ISCSI_HOST": "the_iscsi_host", "ISCSI_USER": "the_iscsi_user", "ISCS
            "DISK_TYPE": "ISCSI"}
 SEED_PATHS = ["iqn.1992-01.com.example:storage:diskarrays-sn-a8675309",
               "iqn.2014.01.192.168.50.61:test:7cd2cc1e/0"]
-VERSIONS = list(oneutil.VERSIONS.items())
+# OpenNebula 4.x has no DISK_TYPE=ISCSI (install refuses the iscsi drivers there)
+VERSIONS = [(n, v) for n, v in oneutil.VERSIONS.items() if v >= (5, 0)]
 
 
 def data(path, version, persistent=True, image_tpl=None, ds_tpl=None, driver="iscsi"):

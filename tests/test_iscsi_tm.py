@@ -153,8 +153,9 @@ def test_premigrate_shapes_per_version(w, remotes_factory, vname):
 
 
 def test_premigrate_4x_template_in_argv(w, remotes_factory):
-    remotes = remotes_factory("4.14")
-    vm = onexml.vm_xml(vmid=15, disks=[disk(0)], version=(4, 14))
+    # the template travels in argv[6] up to 5.8; the iscsi drivers need 5.0+ (DISK_TYPE=ISCSI)
+    remotes = remotes_factory("5.4")
+    vm = onexml.vm_xml(vmid=15, disks=[disk(0)], version=(5, 4))
     res = oneutil.run(remotes / "tm" / "iscsi" / "premigrate",
                       ["host1", "host2", "/var/lib/one/datastores/0/15", 15, 0, onexml.b64(vm)], env=w["env"])
     assert res.rc == 0, res

@@ -22,6 +22,8 @@ TIMEOUT = 30
 def _endpoint() -> str:
     url = os.environ.get("ONE_XMLRPC")
     if url:
+        if not re.match(r"https?://[^/\s]+", url):
+            raise Failure("ONE_XMLRPC=%r is not an http(s) URL: set it like http://localhost:2633/RPC2" % url[:80])
         return url
     port = "2633"
     loc = os.environ.get("ONE_LOCATION")
