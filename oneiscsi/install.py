@@ -138,7 +138,7 @@ def check(remotes, drivers, wrappers):
         raise UsageError("install: --remotes %s is not a folder: give the OpenNebula remotes tree "
                          "(/var/lib/one/remotes)" % remotes)
     version = detect(remotes)
-    shown = "%d.%d" % version if os.path.exists(os.path.join(remotes, "VERSION")) else "7.x (no VERSION file)"
+    shown = "%d.%d" % version[:2] if os.path.exists(os.path.join(remotes, "VERSION")) else "7.x (no VERSION file)"
     iscsi = [d for d in drivers if d in ISCSI_DRIVERS]
     if iscsi and version < ISCSI_SINCE:
         raise UsageError("install: the %s driver needs OpenNebula 5.0 or newer (4.x has no DISK_TYPE=ISCSI) and "

@@ -33,7 +33,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 # the tests run the simulator and the lab in-process: runtime pins too
-pins="$(python3 build.py --print-pins runtime) $(python3 build.py --print-pins dev)"
+pins="$(python3 build.py --print-pins runtime) $(python3 build.py --print-pins dev) $(python3 build.py --print-pins build)"
 # shellcheck disable=SC2086
 .venv/bin/pip install -q --disable-pip-version-check $pins
 .venv/bin/python build.py >/dev/null

@@ -1,6 +1,7 @@
-"""build.py: byte-identical builds of one commit from different checkout paths; one file for
-CPython 3.9-3.13; the unpacked cache pruned."""
+"""build.py: byte-identical builds of one commit from different checkout paths; one shiv-built
+file for CPython 3.9-3.13; the unpacked cache pruned."""
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -32,16 +33,23 @@ def test_same_commit_two_paths_same_sha256(tmp_path):
 
 
 def test_one_file_carries_each_pythons_compiled_parts_once():
-    names = zipfile.ZipFile(oneutil.build_if_stale()).namelist()
+    z = zipfile.ZipFile(oneutil.build_if_stale())
+    names = z.namelist()
     for v in ("39", "310", "311", "312", "313"):
-        assert "abi/cp%s/lxml/etree.cpython-%s-x86_64-linux-gnu.so" % (v, v) in names
-        assert "abi/cp%s/_cffi_backend.cpython-%s-x86_64-linux-gnu.so" % (v, v) in names
+        assert "site-packages/oneiscsi_abi/cp%s/lxml/etree.cpython-%s-x86_64-linux-gnu.so" % (v, v) in names
+        assert "site-packages/oneiscsi_abi/cp%s/_cffi_backend.cpython-%s-x86_64-linux-gnu.so" % (v, v) in names
     # abi3 wheels (one build serves every Python) once, in the common part
     for so in ("cryptography/hazmat/bindings/_rust.abi3.so", "bcrypt/_bcrypt.abi3.so", "nacl/_sodium.abi3.so"):
         assert ["site-packages/" + so] == [n for n in names if n.endswith(so)]
     assert not any("/invoke/" in n for n in names)  # paramiko's optional import, left out on purpose
     assert not any("objectify" in n or n.endswith(".pyx") for n in names)  # lxml: etree only
     assert "site-packages/oneiscsi/_data/udev/61-oneiscsi-eql.rules" in names
+    # built by the pinned shiv, whose __main__.py gave way to the bootstrap
+    import build
+    env = json.loads(z.read("environment.json"))
+    assert "shiv==" + env["shiv_version"] in build.pinned("build") and env["entry_point"] == build.ENTRY
+    assert "_bootstrap/__init__.py" in names
+    assert z.read("__main__.py") == b"import oneiscsi_boot  # noqa\n" and names[:2] == ["__main__.py", "oneiscsi_boot.py"]
 
 
 def test_cache_keeps_the_running_and_the_previous_build(tmp_path):
@@ -99,3 +107,4 @@ def test_parallel_first_starts_unpack_once(tmp_path):
     tag = subprocess.run([oneutil.PYTHON, "-c", "import sys; print('cp%d%d' % sys.version_info[:2])"],
                          capture_output=True, text=True).stdout.strip()
     assert sorted(os.listdir(cache / build)) == [".lock", tag, "site-packages"]
+    assert "oneiscsi_abi" not in os.listdir(cache / build / "site-packages")  # no other Python's parts
