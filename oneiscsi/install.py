@@ -12,7 +12,7 @@ Layout after install (REMOTES = /var/lib/one/remotes by default):
 The action links point at the launcher, not at the executable: `onehost sync`,
 one_tm and install.sh copy remotes with symlinks dereferenced (`rsync -aL`), and
 each link then becomes a copy of the small launcher instead of a copy of the
-12 MB zipapp. The launcher passes its own invocation path in ONEISCSI_ARGV0 so
+21 MB zipapp. The launcher passes its own invocation path in ONEISCSI_ARGV0 so
 dispatch sees the action's path, never a resolved one.
 """
 from __future__ import annotations
