@@ -29,7 +29,6 @@ Guest facts (what tests may rely on):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import glob
 import hashlib
@@ -345,14 +344,6 @@ def available(cache_dir=None) -> tuple:
 # --------------------------------------------------------------------------
 # a running host
 
-def _pdeathsig():
-    # qemu dies with the process that started it (e.g. a killed pytest).
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
 class RealHost:
     """A booted real-kernel host on ``bridge`` with address ``addr``.
 
@@ -510,9 +501,12 @@ class RealHost:
             self._config_tar(os.path.join(self.workdir, "config.tar"))
             open(self.console_log, "w").close()
             with open(os.path.join(self.workdir, "qemu.log"), "wb") as qlog:
+                # qemu dies with the process that started it (e.g. a killed pytest): setpriv sets
+                # PR_SET_PDEATHSIG and execs qemu. No preexec_fn: Python code between fork and exec
+                # can deadlock in a process with threads (the simulators' servers).
                 self.proc = subprocess.Popen(
-                    self.qemu_argv(image), stdin=subprocess.DEVNULL, stdout=qlog,
-                    stderr=subprocess.STDOUT, preexec_fn=_pdeathsig)
+                    ["setpriv", "--pdeathsig", "KILL", "--"] + self.qemu_argv(image), stdin=subprocess.DEVNULL,
+                    stdout=qlog, stderr=subprocess.STDOUT)
             # qemu creates the tap itself (not persistent), so it vanishes
             # with qemu even when nobody calls stop().
             while not os.path.exists("/sys/class/net/" + self.tap):
