@@ -141,7 +141,10 @@ def test_oned_timeout_kills_the_copy_and_undoes(tmp_path):
         p.stdin.write(b64)
         p.stdin.close()
         deadline = time.monotonic() + 30
-        while not _qemu_img_of(src) and time.monotonic() < deadline and p.poll() is None:
+        # the copy runs once the volume exists and a process names the source (qemu-img's probe
+        # of the source runs before the volume is created: wait for both)
+        while not (_qemu_img_of(src) and "slow.9" in lab.state()) and time.monotonic() < deadline \
+                and p.poll() is None:
             time.sleep(0.05)
         assert _qemu_img_of(src), p.stderr.read()
         assert "slow.9" in lab.state()
