@@ -354,7 +354,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--output", default=str(TOP / "dist" / "oneiscsi.pyz"))
     ap.add_argument("--print-pins", metavar="KEY", help=argparse.SUPPRESS)  # tests/setup.sh
+    ap.add_argument("--python", metavar="X.Y",
+                    help="accepted for older scripts (DESIGN.md section 1): every build serves CPython 3.9-3.13")
     args = ap.parse_args(argv)
+    if args.python and args.python not in PY_FULL:
+        fail("--python %s: the executable runs on CPython %s; no other build exists" % (args.python, ", ".join(PY_FULL)))
     if args.print_pins:
         print("\n".join(pinned(args.print_pins)))
         return 0
