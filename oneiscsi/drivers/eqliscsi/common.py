@@ -90,6 +90,14 @@ def parse_source(source: str, what: str = "SOURCE") -> str:
     return cli.volume(src, what)
 
 
+def volume_of_iqn(iqn: str) -> str:
+    """The volume name in an EqualLogic target IQN ('' for any other target)."""
+    try:
+        return _from_iqn(iqn, "IQN")
+    except Invalid:
+        return ""
+
+
 def _from_iqn(iqn: str, what: str) -> str:
     m = _EQL_IQN.match(iqn)
     if not m:

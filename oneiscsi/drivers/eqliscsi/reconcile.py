@@ -129,10 +129,7 @@ def users_now(one, info, volume) -> set:
 
 
 def _volume_of(iqn: str) -> str:
-    try:
-        return common.parse_source(iqn, "IQN")
-    except Invalid:
-        return ""
+    return common.volume_of_iqn(iqn)
 
 
 def main(argv) -> int:

@@ -186,9 +186,11 @@ def _read(s, t: Target, info) -> None:
 def resolve(s, t: Target, must=True) -> bool:
     """Find the disk's volume on the group (a clone: the candidate name whose description is
     this disk's); read IQN, size, multihost. False (or Failure when `must`) if it is gone."""
+    t.absent = []
     for name in t.names:
         info = s.volume_info(name)
         if info is None:
+            t.absent.append(name)      # no volume of that name at all (foreign ones are not "gone")
             continue
         if t.clone and common.field(info, "description") != t.clone_description:
             log.info("volume %s is not the clone of disk %s of VM %d (description %r)"
@@ -504,6 +506,9 @@ def release(host: str, targets: list, best_effort=False, stay_host="", after=Non
                 if not best_effort:
                     raise
                 log.warn("detaching on %s failed (continuing: %s)" % (host, e))
+        gone = [t for t in targets if host not in t.hs.no_iscsi and not t.iqn]
+        if gone:
+            _logout_gone(host, gone)
         todo = [t for t in targets if t.iqn and not t.other]
         if after is None and not any(t.mode != "none" or t.multihost != t.cfg.multihost for t in todo):
             return
@@ -522,6 +527,23 @@ def release(host: str, targets: list, best_effort=False, stay_host="", after=Non
                     s.set_multihost(t.volume, t.cfg.multihost)
             if after is not None:
                 after(sessions)
+
+
+def _logout_gone(host, targets) -> None:
+    """Volumes gone from the group (deleted elsewhere, a re-run): log out what the host still
+    has of them, found by the volume name in its sessions' IQNs (one round trip, best effort)."""
+    from oneiscsi.host import iscsi as hostiscsi
+    try:
+        names = [n for t in targets for n in getattr(t, "absent", [])]
+        if not names:
+            return
+        iqns = [iqn for _, iqn in hostiscsi.sessions(host)
+                if any(usage.same_volume(common.volume_of_iqn(iqn), n) for n in names)]
+        if iqns:
+            log.warn("host %s is still logged in to %s, gone from the group: logging out" % (host, ", ".join(iqns)))
+            hostiscsi.logout_strays(host, iqns)
+    except Failure as e:
+        log.warn("sessions of deleted volumes on %s stay: %s" % (host, e))
 
 
 def _detach(host, targets, keep_link=False):
