@@ -31,7 +31,8 @@ from tests import oneutil  # noqa: E402
 from tests.test_eqliscsi_tm import DSID, World, disk_path  # noqa: E402
 
 
-def burst(w, action, vmids, vols):
+def at_once(w, action, vmids, vols) -> tuple:
+    """Run `action` (ln or delete) for every VM at once -> (wall s, {vmid: result})."""
     res = {}
 
     def go(vmid, vol):
@@ -40,14 +41,18 @@ def burst(w, action, vmids, vols):
         else:
             res[vmid] = w.tm("delete", disk_path(vmid, 0, "host1"), vmid, DSID, ok=False)
     threads = [threading.Thread(target=go, args=(v, vol)) for v, vol in zip(vmids, vols)]
-    w.reset_ssh()
-    s0 = w.sim.sessions_total
     t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    took = time.monotonic() - t0
+    return time.monotonic() - t0, res
+
+
+def burst(w, action, vmids, vols):
+    w.reset_ssh()
+    s0 = w.sim.sessions_total
+    took, res = at_once(w, action, vmids, vols)
     bad = [r for r in res.values() if r.rc != 0]
     assert not bad, bad[:2]
     return took, len(w.ssh_calls()), w.sim.sessions_total - s0
@@ -68,23 +73,13 @@ def slow_hosts(w, delay, base):
     for vmid, v in zip(vmids, vols):
         w.vm(vmid, [(0, w.image_on_group(base + 100 + vmid - base, v))], hosts=("host1",))
     w.sim.sessions_max_seen = w.sim.sessions_now
-    res = {}
-
-    def go(vmid, vol):
-        res[vmid] = w.tm("ln", "fe:" + vol, disk_path(vmid, 0, "host1"), vmid, DSID, ok=False)
-    threads = [threading.Thread(target=go, args=(v, vol)) for v, vol in zip(vmids, vols)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    took = time.monotonic() - t0
+    took, res = at_once(w, "ln", vmids, vols)
     failed = [r for r in res.values() if r.rc != 0]
     peak = w.sim.sessions_max_seen
     w.env = env
     for vmid in vmids:
         w.cloud.state(vmid, 11)
-        w.tm("delete", disk_path(vmid, 0, "host1"), vmid, DSID, ok=False)
+    at_once(w, "delete", vmids, vols)
     return took, failed, peak
 
 
