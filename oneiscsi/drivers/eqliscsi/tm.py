@@ -67,6 +67,7 @@ import socket
 from oneiscsi import log, validate
 from oneiscsi.drivers.eqliscsi import common, initiators, usage
 from oneiscsi.errors import Failure, Invalid, NotSupported
+from oneiscsi.san import parse
 from oneiscsi.one.action import disk_id, host_path, int_arg
 from oneiscsi.one.version import remotes_dir
 
@@ -139,6 +140,8 @@ class Target:
         self.link = validate.safe_path(link, "disk path") if link else ""
         self.users = usage.Users(call.one, self)
         self.iqn, self.size, self.multihost, self.info, self.record = "", None, None, None, None
+        self.other = ""     # another VM disk using this volume on the host at hand (its session stays)
+        self.absent = []    # candidate names with no volume at all on the group (after resolve)
 
     @property
     def clone_description(self) -> str:
@@ -174,13 +177,12 @@ def _host(value: str, what: str) -> str:
 
 # ---- SAN steps -------------------------------------------------------------------------------
 def _read(s, t: Target, info) -> None:
-    from oneiscsi.san import parse
     t.info, t.iqn = info, info["iqn"]
     try:
         t.size = parse.size_mb(info.get("Size", "")) * MiB
     except parse.ParseError:
         t.size = None
-    t.multihost = common.field(info, "multihost access").lower().startswith("enable")
+    t.multihost = parse.field(info, "multihost access").lower().startswith("enable")
 
 
 def resolve(s, t: Target, must=True) -> bool:
@@ -192,9 +194,9 @@ def resolve(s, t: Target, must=True) -> bool:
         if info is None:
             t.absent.append(name)      # no volume of that name at all (foreign ones are not "gone")
             continue
-        if t.clone and common.field(info, "description") != t.clone_description:
+        if t.clone and parse.field(info, "description") != t.clone_description:
             log.info("volume %s is not the clone of disk %s of VM %d (description %r)"
-                     % (name, t.did, t.vmid, common.field(info, "description")))
+                     % (name, t.did, t.vmid, parse.field(info, "description")))
             continue
         t.volume = name
         _read(s, t, info)
@@ -210,10 +212,16 @@ def resolve(s, t: Target, must=True) -> bool:
 def make_clone(s, t: Target, undo) -> None:
     """The per-VM clone of a CLONE=YES disk: reused when it exists and is ours."""
     from oneiscsi.san import client
-    if resolve(s, t, must=False):
-        log.info("clone %s exists already (a re-run): reused" % t.volume)
-        return
-    free = [n for n in t.names if s.volume_info(n) is None]
+    # one look at every candidate name: ours is reused, else the first free one is taken (two
+    # looks would let another frontend's clone, made in between, look like a foreign volume)
+    infos = [(n, s.volume_info(n)) for n in t.names]
+    for name, info in infos:
+        if info is not None and parse.field(info, "description") == t.clone_description:
+            t.volume = name
+            _read(s, t, info)
+            log.info("clone %s exists already (a re-run, or another frontend): reused" % t.volume)
+            return
+    free = [n for n, info in infos if info is None]
     if not free:
         raise Failure("volumes %s exist but none is the clone oneiscsi makes for disk %s of VM %d: left alone"
                       % (" and ".join(t.names), t.did, t.vmid))
@@ -534,7 +542,7 @@ def _logout_gone(host, targets) -> None:
     has of them, found by the volume name in its sessions' IQNs (one round trip, best effort)."""
     from oneiscsi.host import iscsi as hostiscsi
     try:
-        names = [n for t in targets for n in getattr(t, "absent", [])]
+        names = [n for t in targets for n in t.absent]
         if not names:
             return
         iqns = [iqn for _, iqn in hostiscsi.sessions(host)
@@ -551,7 +559,7 @@ def _detach(host, targets, keep_link=False):
     from oneiscsi.host import iscsi as hostiscsi
     for group in by_settings([t for t in targets if t.iqn]):
         hs = group[0].hs
-        vols = [t.volume_for(link="" if keep_link else None, logout=not getattr(t, "other", "")) for t in group]
+        vols = [t.volume_for(link="" if keep_link else None, logout=not t.other) for t in group]
         vols = [v for v in vols if v.logout or v.link]
         if vols:
             hostiscsi.detach(host, vols, hs.iface, True, hs.base)
@@ -641,7 +649,7 @@ def _copy_volume(s, t: Target, new: str, snap, description: str) -> None:
         raise Invalid("the new image's volume %s is the disk's own volume" % new)
     info = s.volume_info(new)
     if info is not None:
-        if common.field(info, "description") == description:
+        if parse.field(info, "description") == description:
             log.info("volume %s exists already (a re-run): kept" % new)
             return
         raise Failure("volume %s exists already and was not made by this save-as: left alone" % new)
@@ -655,7 +663,7 @@ def _copy_volume(s, t: Target, new: str, snap, description: str) -> None:
             made = True
         except client.TransportError as e:
             info = s.volume_info(new) if e.unsure else None
-            if info is None or common.field(info, "description") != description:
+            if info is None or parse.field(info, "description") != description:
                 raise
             made = True
         s.set_multihost(new, t.cfg.multihost)
