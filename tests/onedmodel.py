@@ -457,6 +457,11 @@ def ds_outcome(version, action: str, rc: int, stdout: str, stderr: str, obj_id=7
         o.problems.append("oned cannot parse the driver line %r" % lines[0])
         return o
     o = image_reply(version, name, parsed[3], parsed[1], obj_id=obj_id, **kw)
+    return _finish(version, rc, stderr, o, ex, lines)
+
+
+def _finish(version, rc, stderr, o, ex, lines) -> Outcome:
+    """What every reply shares: the driver's log lines, one line only, the stderr rules."""
     o.logs = ex.logs
     if len(lines) > 1:
         o.problems.append("the reply spans %d lines: oned reads %r as further (garbled) messages"
@@ -472,12 +477,7 @@ def tm_outcome(version, action: str, rc: int, stdout: str, stderr: str, vmid=5) 
     lines = driver_lines("TRANSFER", ex, vmid)
     parsed = split_line(version, lines[0])
     o = transfer_reply(version, parsed[3] if parsed else "", parsed[1] if parsed else "FAILURE")
-    o.logs = ex.logs
-    if len(lines) > 1:
-        o.problems.append("the reply spans %d lines: oned reads %r as further (garbled) messages"
-                          % (len(lines), lines[1:]))
-    _check_common(version, rc, stderr, o)
-    return o
+    return _finish(version, rc, stderr, o, ex, lines)
 
 
 def _check_common(version, rc, stderr, o: Outcome) -> None:

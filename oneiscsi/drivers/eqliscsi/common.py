@@ -14,6 +14,7 @@ import unicodedata
 from oneiscsi import locks, validate
 from oneiscsi.errors import Invalid
 from oneiscsi.san import cli
+from oneiscsi.san import parse
 
 MAX_NAME = 64
 VMID_ROOM = 11  # "-" + a VM id of up to 10 digits
@@ -45,15 +46,9 @@ def clone_name(volume: str, vmid, disk_id=None) -> str:
     return cli.volume(cli.volume(volume)[: MAX_NAME - len(suffix)] + suffix)
 
 
-def field(info: dict, name: str) -> str:
-    """A field of `volume select X show`, whatever its spelling (san.parse.field)."""
-    from oneiscsi.san import parse
-    return parse.field(info, name) or ""
-
-
 def connections(info: dict) -> int:
     """The group's count of iSCSI connections to a volume (`Connections: N`)."""
-    m = re.match(r"\d+", field(info, "connections") or "0")
+    m = re.match(r"\d+", parse.field(info, "connections") or "0")
     return int(m.group(0)) if m else 0
 
 

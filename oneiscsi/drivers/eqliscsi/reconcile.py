@@ -27,6 +27,7 @@ import sys
 from oneiscsi import log
 from oneiscsi.drivers.eqliscsi import common, usage
 from oneiscsi.errors import Failure, Invalid
+from oneiscsi.san import parse
 
 OURS = re.compile(r"^OpenNebula (image (\d+):|VM (\d+) disk (\d+): clone of |image saved from VM )")
 
@@ -101,14 +102,14 @@ class Groups:
         """(cfg, group, info) of the driver's volume `volume`, or None."""
         for cfg, group, _ in self.entries:
             info = self.session(group).volume_info(volume)
-            if info is not None and OURS.match(common.field(info, "description")):
+            if info is not None and OURS.match(parse.field(info, "description")):
                 return cfg, group, info
         return None
 
 
 def users_now(one, info, volume) -> set:
     """Hosts where VMs use `volume` now, read again from oned (the owner its description names)."""
-    m = OURS.match(common.field(info, "description"))
+    m = OURS.match(parse.field(info, "description"))
     if m and m.group(3):
         vmids = [int(m.group(3))]
     elif m and m.group(2):
@@ -218,7 +219,7 @@ def _access(fix, hosts, need, groups, counts) -> None:
             if not vol:
                 continue
             info = s.volume_info(vol)
-            if info is None or not OURS.match(common.field(info, "description")):
+            if info is None or not OURS.match(parse.field(info, "description")):
                 continue
             for rec in s.access_records(vol):
                 for host, w in sorted(words.items()):
