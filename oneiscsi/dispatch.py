@@ -26,6 +26,8 @@ TM_ACTIONS = ("clone", "ln", "mv", "mvds", "cpds", "delete", "premigrate", "post
               "failmigrate", "resize", "snap_create", "snap_create_live", "snap_delete",
               "snap_revert", "context", "mkimage", "mkswap", "monitor")
 MIGRATE = ("premigrate", "postmigrate", "failmigrate")
+# the system TM's backup scripts, wrapped by install (drivers/backup.py)
+BACKUP = ("prebackup", "prebackup_live", "postbackup", "postbackup_live", "restore")
 OPERATOR = {
     "--version": ("oneiscsi.dispatch", "print_version"),
     "help": ("oneiscsi.dispatch", "print_help"),
@@ -56,7 +58,7 @@ HELP_WORDS = ("-h", "--help", "help")
 
 UNDERSTOOD = ("understood: <remotes>/datastore/{iscsi,iscsi_libvirt,eqliscsi}/<action>, "
               "<remotes>/tm/<driver>/<action>[.<system_tm>], tm/<system_tm>/{pre,post,fail}migrate "
-              "(legacy wrapper), ds-<action>, tm-<action>, 'oneiscsi.pyz ds|tm <driver> <action> ARGS', "
+              "(legacy wrapper), tm/<system_tm>/{pre,post}backup[_live] and restore (backup wrappers), ds-<action>, tm-<action>, 'oneiscsi.pyz ds|tm <driver> <action> ARGS', "
               "and 'oneiscsi.pyz --version|--selftest|install|uninstall|lab|secret|disk-xml|reconcile'")
 
 
@@ -79,7 +81,7 @@ def resolve(argv0: str, args: list):
         if action not in (DS_ACTIONS if kind == "ds" else TM_ACTIONS):
             raise UsageError("unknown %s action %r for driver %s; %s" % (grand, base, parent, UNDERSTOOD))
         return Route(kind, parent, action, args, sys_tm=suffix if kind == "tm" else "")
-    if grand == "tm" and base in MIGRATE:
+    if grand == "tm" and (base in MIGRATE or base in BACKUP):
         return Route("tm", parent, base, args, wrapper=True)
     for prefix, kind, known in (("ds-", "ds", DS_ACTIONS), ("tm-", "tm", TM_ACTIONS)):
         if base.startswith(prefix) and base[3:].partition(".")[0] in known:
@@ -131,6 +133,9 @@ def run_route(route: Route, argv0: str, version) -> int:
     from oneiscsi.one.action import Call
     call = Call(route.kind, route.driver, route.action, route.args, version, argv0=argv0, sys_tm=route.sys_tm)
     log.configure(str(call) if route.driver else "%s/%s" % (route.kind, route.action), call.wire.stderr_logs)
+    if route.wrapper and route.action in BACKUP:
+        from oneiscsi.drivers import backup
+        return backup.run(call, route.driver)
     if route.wrapper:
         from oneiscsi.drivers import wrapper
         return wrapper.run(call, route.driver)

@@ -35,6 +35,12 @@ export ONEISCSI_ARGV0
 exec ${ONEISCSI_PYTHON:-%(python)s} -c 'import sys; sys.argv[0] = sys.argv.pop(1); sys.path[0] = sys.argv[0]; import oneiscsi_boot' "${ONEISCSI_PYZ:-%(pyz)s}" "$@"
 """
 MIGRATE_WRAPPED = ("premigrate", "postmigrate")
+# OpenNebula 6.6+ sends backups and in-place restores to the system datastore's TM only
+# (src/vmm_mad/exec/one_vmm_exec.rb `backup`; tm/<sys>/restore from 6.10): install puts
+# oneiscsi over these scripts of the qcow2-family system TMs (drivers/backup.py).
+BACKUP_WRAPPED = ("prebackup", "prebackup_live", "postbackup", "postbackup_live", "restore")
+BACKUP_SYSTEM_TMS = ("shared", "ssh", "qcow2", "local")
+BACKUP_SINCE = (6, 6)
 ORIG_SUFFIX = ".oneiscsi-orig"
 ISCSI_DRIVERS = ("iscsi", "iscsi_libvirt")
 # OpenNebula 4.x has no DISK_TYPE="ISCSI": Image::str_to_disk_type knows FILE, BLOCK,
@@ -131,7 +137,7 @@ def _self_pyz():
     return path
 
 
-def check(remotes, drivers, wrappers):
+def check(remotes, drivers, wrappers, backup_wrappers=()):
     """Everything install refuses, before it changes anything."""
     from oneiscsi.one.version import detect
     if not os.path.isdir(remotes):
@@ -146,6 +152,9 @@ def check(remotes, drivers, wrappers):
     if wrappers and version >= ISCSI_SINCE:
         raise UsageError("install: --legacy-migrate-wrappers are for OpenNebula 4.x and %s/VERSION says %s "
                          "(5.0+ calls the drivers' premigrate itself): leave the option out" % (remotes, shown))
+    if backup_wrappers and version < BACKUP_SINCE:
+        raise UsageError("install: --backup-wrappers are for OpenNebula 6.6 or newer (earlier releases have no "
+                         "backups) and %s/VERSION says %s: leave the option out" % (remotes, shown))
     manifest = _load(remotes)
     for sys_tm in wrappers:
         for action in MIGRATE_WRAPPED:
@@ -159,14 +168,18 @@ def check(remotes, drivers, wrappers):
                           "(oneadmin)" % d)
 
 
-def install(remotes, drivers, wrappers=(), python="python3"):
+def install(remotes, drivers, wrappers=(), python="python3", backup_wrappers=None):
+    """backup_wrappers None: the qcow2-family system TMs on 6.6+, none before."""
     remotes = os.path.abspath(remotes)
-    check(remotes, drivers, wrappers)
+    if backup_wrappers is None:
+        from oneiscsi.one.version import detect
+        backup_wrappers = BACKUP_SYSTEM_TMS if detect(remotes) >= BACKUP_SINCE else ()
+    check(remotes, drivers, wrappers, backup_wrappers)
     src = _self_pyz()
     out, undo = [], _Undo()
     manifest = _load(remotes)
     try:
-        _install(remotes, drivers, wrappers, python, src, manifest, out, undo)
+        _install(remotes, drivers, wrappers, python, src, manifest, out, undo, backup_wrappers)
     except BaseException as e:
         undo.run()  # the manifest is written last: an undone run leaves the previous one
         if isinstance(e, OSError):
@@ -177,7 +190,7 @@ def install(remotes, drivers, wrappers=(), python="python3"):
     return out
 
 
-def _install(remotes, drivers, wrappers, python, src, manifest, out, undo):
+def _install(remotes, drivers, wrappers, python, src, manifest, out, undo, backup_wrappers=()):
     home = os.path.join(remotes, HOME)
     _makedirs(remotes, HOME, manifest, undo)
     pyz = os.path.join(home, "oneiscsi.pyz")
@@ -210,23 +223,61 @@ def _install(remotes, drivers, wrappers, python, src, manifest, out, undo):
     launcher = os.path.join(home, HOME)
     for sys_tm in wrappers:
         for action in MIGRATE_WRAPPED:
-            rel = os.path.join("tm", sys_tm, action)
-            path = os.path.join(remotes, rel)
-            target = os.path.relpath(launcher, os.path.dirname(path))
-            if _is_ours(path, target):
-                continue
-            os.replace(path, path + ORIG_SUFFIX)  # a relative symlink keeps working: same directory
-            undo.add(os.replace, path + ORIG_SUFFIX, path)
-            os.symlink(target, path)
-            undo.add(os.remove, path)
-            if rel not in manifest["wrappers"]:
-                manifest["wrappers"].append(rel)
-            out.append("wrapped %s (original kept as %s%s)" % (rel, action, ORIG_SUFFIX))
+            _wrap(remotes, os.path.join("tm", sys_tm, action), launcher, manifest, out, undo)
+    for sys_tm in backup_wrappers:
+        for action in BACKUP_WRAPPED:
+            rel = _backup_script(remotes, os.path.join("tm", sys_tm, action), launcher)
+            if rel:
+                _wrap(remotes, rel, launcher, manifest, out, undo)
     _save(remotes, manifest)
     for name in ("oneiscsi.pyz", HOME):  # committed: the previous copies go
         old = os.path.join(home, name + ".old")
         if os.path.exists(old):
             os.remove(old)
+
+
+def _wrap(remotes, rel, launcher, manifest, out, undo):
+    """Put the launcher at REMOTES/rel, the script that was there kept beside it as
+    `<name>.oneiscsi-orig` (a relative symlink keeps working: same directory). An upgrade of
+    OpenNebula that wrote a new original there: the new one is kept."""
+    path = os.path.join(remotes, rel)
+    target = os.path.relpath(launcher, os.path.dirname(path))
+    if _is_ours(path, target):
+        return
+    had = os.path.lexists(path + ORIG_SUFFIX)
+    if had:
+        os.replace(path + ORIG_SUFFIX, path + ORIG_SUFFIX + ".old")
+        undo.add(os.replace, path + ORIG_SUFFIX + ".old", path + ORIG_SUFFIX)
+    os.replace(path, path + ORIG_SUFFIX)
+    undo.add(os.replace, path + ORIG_SUFFIX, path)
+    os.symlink(target, path)
+    undo.add(os.remove, path)
+    if had:
+        os.remove(path + ORIG_SUFFIX + ".old")
+    if rel not in manifest["wrappers"]:
+        manifest["wrappers"].append(rel)
+    out.append("wrapped %s (original kept as %s%s)" % (rel, os.path.basename(rel), ORIG_SUFFIX))
+
+
+def _backup_script(remotes, rel, launcher):
+    """The file REMOTES/rel ends at, relative to REMOTES, when it is a system TM script of this
+    tree (tm/ssh/prebackup is a link to ../qcow2/prebackup upstream: the file is wrapped once and
+    the link reaches the wrapper); None when absent, or already ours."""
+    path = os.path.join(remotes, rel)
+    if not os.path.lexists(path):
+        return None
+    p = path
+    for _ in range(10):  # follow links inside the tree up to the file or our launcher link
+        if not os.path.islink(p):
+            break
+        nxt = os.path.normpath(os.path.join(os.path.dirname(p), os.readlink(p)))
+        if os.path.realpath(nxt) == os.path.realpath(launcher):
+            return None if p == path or os.path.lexists(p + ORIG_SUFFIX) else os.path.relpath(p, remotes)
+        p = nxt
+    real = os.path.relpath(p, remotes)
+    if real.startswith(".." + os.sep) or not real.startswith("tm" + os.sep) or not os.path.isfile(p):
+        return None
+    return real
 
 
 def uninstall(remotes):
@@ -317,6 +368,9 @@ def install_main(argv) -> int:
     ap.add_argument("--legacy-migrate-wrappers", nargs="?", const="shared,ssh", default="",
                     metavar="SYSTEM_TMS",
                     help="OpenNebula 4.x only: wrap tm/<system>/premigrate and postmigrate (default shared,ssh)")
+    ap.add_argument("--backup-wrappers", default=None, metavar="SYSTEM_TMS",
+                    help="OpenNebula 6.6+: system TMs whose prebackup/postbackup[_live] and restore oneiscsi wraps "
+                         "(default %s where present; 'none' for none)" % ",".join(BACKUP_SYSTEM_TMS))
     ap.add_argument("--python", default="python3", help="interpreter the launcher runs (default python3)")
     a = ap.parse_args(argv)
     if a.drivers is not None:
@@ -336,7 +390,14 @@ def install_main(argv) -> int:
     for w in wrappers:
         if not w.replace("_", "").replace("-", "").isalnum():
             raise UsageError("install: --legacy-migrate-wrappers %r is not a TM driver name" % w)
-    for line in install(a.remotes, drivers, wrappers, a.python):
+    backup_wrappers = None
+    if a.backup_wrappers is not None:
+        backup_wrappers = [] if a.backup_wrappers.strip().lower() == "none" else [
+            w.strip() for w in a.backup_wrappers.split(",") if w.strip()]
+        for w in backup_wrappers:
+            if not w.replace("_", "").replace("-", "").isalnum():
+                raise UsageError("install: --backup-wrappers %r is not a TM driver name" % w)
+    for line in install(a.remotes, drivers, wrappers, a.python, backup_wrappers):
         print(line)
     print(oned_conf(drivers))
     return 0

@@ -295,3 +295,14 @@ def snapshot_delete(vol, snap) -> Command:
 
 def snapshot_restore(vol, snap) -> Command:
     return Command(["volume", "select", volume(vol), "snapshot", "select", snapshot(snap), "restore"])
+
+
+def snapshot_online(vol, snap, online: bool) -> Command:
+    """`volume select V snapshot select S online|offline` (equallogic-and-peers.md: Proxmox,
+    Eucalyptus); a snapshot is an iSCSI target of its own only while online."""
+    return Command(["volume", "select", volume(vol), "snapshot", "select", snapshot(snap),
+                    "online" if online else "offline"], True)
+
+
+def snapshot_show(vol, snap) -> Command:
+    return Command(["volume", "select", volume(vol), "snapshot", "select", snapshot(snap), "show"], True)

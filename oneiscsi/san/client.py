@@ -456,6 +456,14 @@ class Session:
         """False when it did not exist."""
         return self._unless_gone(cli.snapshot_delete(vol, snap))
 
+    def set_snapshot_online(self, vol, snap, online=True) -> bool:
+        """False when the snapshot does not exist."""
+        return self._unless_gone(cli.snapshot_online(vol, snap, online))
+
+    def snapshot_iqn(self, vol, snap) -> str:
+        """The snapshot's own iSCSI name (`iSCSI Name:` of `snapshot select S show`)."""
+        return _parsed(parse.iqn_field, self.run(cli.snapshot_show(vol, snap)), "snapshot show")
+
     def restore_snapshot(self, vol, snap) -> None:
         self.run(cli.snapshot_restore(vol, snap))
 

@@ -128,7 +128,7 @@ class Cloud:
         self.oned.images[img.iid] = img.xml(self.version)
 
     def vm(self, vmid, disks, hosts=("host1",), lcm_state=3, state=3, system_tm=None, system_ds=None,
-           others=()) -> str:
+           others=(), backups=None) -> str:
         """disks: (disk_id, Img[, user attrs]); others: DISK attribute dicts of disks that are not
         images of this model (volatile, other drivers), written as given."""
         attrs = {}
@@ -145,14 +145,17 @@ class Cloud:
             elif not uses and vmid in img.vms:
                 img.vms.remove(vmid)
                 self._save_image(img)
+        if backups is None and self.version >= (6, 6):
+            # a VM's BACKUP_CONFIG defaults (src/vm/Backups.cc `parse`, release-7.4.0)
+            backups = {"BACKUP_VOLATILE": "NO", "FS_FREEZE": "NONE", "KEEP_LAST": "", "MODE": "FULL"}
         self.shape[vmid] = dict(disks=disks, hosts=hosts, lcm_state=lcm_state, state=state, system_tm=system_tm,
-                                system_ds=system_ds, others=others)
+                                system_ds=system_ds, others=others, backups=backups)
         xml_disks = [onexml.disk_xml(did, {k: v for k, v in a.items() if k != "DISK_ID"})
                      for did, a in sorted(attrs.items())]
         xml_disks += [onexml.disk_xml(o["DISK_ID"], {k: v for k, v in o.items() if k != "DISK_ID"}) for o in others]
         xml = onexml.vm_xml(vmid=vmid, disks=xml_disks, hosts=hosts, lcm_state=lcm_state, state=state,
                             system_ds=self.system_ds if system_ds is None else system_ds, version=self.version,
-                            tm_system=system_tm or self.system_tm)
+                            tm_system=system_tm or self.system_tm, backups=backups)
         self.oned.vms[vmid] = xml
         return xml
 
@@ -160,6 +163,22 @@ class Cloud:
         """The same VM in another state (and history)."""
         s = dict(self.shape[vmid])
         s.update(lcm_state=lcm_state, state=state, hosts=hosts or s["hosts"])
+        return self.vm(vmid, **s)
+
+    def backup(self, vmid, live=True, mode="FULL", last_increment=-1, fs_freeze="NONE", bridge="",
+               backup_ds=100) -> str:
+        """The VM as oned sends it to prebackup: state BACKUP (ACTIVE, LCM 69) from RUNNING or
+        BACKUP_POWEROFF (LCM 70) from POWEROFF; LAST_DATASTORE_ID, LAST_BRIDGE (the backup
+        datastore's bridge) and, for MODE INCREMENT, LAST_INCREMENT_ID (-1: the first, a full)
+        (src/dm/DispatchManagerActions.cc `backup`, include/Backups.h, release-7.4.0)."""
+        cfg = {"BACKUP_VOLATILE": "NO", "FS_FREEZE": fs_freeze, "KEEP_LAST": "", "MODE": mode,
+               "LAST_DATASTORE_ID": backup_ds}
+        if mode == "INCREMENT":
+            cfg.update({"LAST_INCREMENT_ID": last_increment, "INCREMENT_MODE": "CBT"})
+        if bridge:
+            cfg["LAST_BRIDGE"] = bridge
+        s = dict(self.shape[vmid])
+        s.update(lcm_state=69 if live else 70, state=3, backups=cfg)
         return self.vm(vmid, **s)
 
     def failed_live_migration(self, vmid) -> str:

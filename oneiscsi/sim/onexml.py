@@ -70,9 +70,17 @@ def disk_xml(disk_id, attrs: dict) -> str:
     return "<DISK>%s</DISK>" % "".join("<%s><![CDATA[%s]]></%s>" % (k, v, k) for k, v in body.items())
 
 
+def backups_xml(config: dict) -> str:
+    """/VM/BACKUPS as oned writes it (src/vm/Backups.cc `to_xml`, release-7.4.0): BACKUP_CONFIG,
+    then BACKUP_IDS."""
+    return "<BACKUPS><BACKUP_CONFIG>%s</BACKUP_CONFIG><BACKUP_IDS/></BACKUPS>" % "".join(
+        _el(k, v) for k, v in config.items())
+
+
 def vm_xml(vmid=0, disks=(), hosts=("host1",), lcm_state=3, state=3, system_ds=0, name="vm",
-           version=(6, 8), tm_system="shared") -> str:
-    """disks: list of DISK XML strings (disk_xml); hosts: history, last = current host."""
+           version=(6, 8), tm_system="shared", backups=None) -> str:
+    """disks: list of DISK XML strings (disk_xml); hosts: history, last = current host;
+    backups: BACKUP_CONFIG attributes (6.6+)."""
     history = []
     for seq, h in enumerate(hosts):
         if tuple(version) >= (5, 0):
@@ -86,13 +94,13 @@ def vm_xml(vmid=0, disks=(), hosts=("host1",), lcm_state=3, state=3, system_ds=0
                 _el("STIME", 1700000000 + seq), _el("ETIME", 0), _el("VMMMAD", "kvm"), _el("VNMMAD", "dummy"),
                 _el("TMMAD", tm_system), _el("DS_LOCATION", "/var/lib/one/datastores"), _el("DS_ID", system_ds),
                 _el("REASON", 0), _el("ACTION", 0)]))
-    return ("<VM>%s<TEMPLATE>%s%s</TEMPLATE><USER_TEMPLATE/><HISTORY_RECORDS>%s</HISTORY_RECORDS></VM>" % (
+    return ("<VM>%s<TEMPLATE>%s%s</TEMPLATE><USER_TEMPLATE/><HISTORY_RECORDS>%s</HISTORY_RECORDS>%s</VM>" % (
         "".join([_el("ID", vmid), _el("UID", 0), _el("GID", 0), _el("UNAME", "oneadmin"), _el("GNAME", "oneadmin"),
                  _el("NAME", name), _el("LAST_POLL", 0), _el("STATE", state), _el("LCM_STATE", lcm_state),
                  _el("PREV_STATE", state), _el("PREV_LCM_STATE", lcm_state), _el("RESCHED", 0),
                  _el("STIME", 1700000000), _el("ETIME", 0), _el("DEPLOY_ID", "one-%s" % vmid)]),
         "".join(disks), _el("TM_MAD_SYSTEM", tm_system) if tuple(version) >= (5, 0) else "",
-        "".join(history)))
+        "".join(history), backups_xml(backups) if backups is not None and tuple(version) >= (6, 6) else ""))
 
 
 def b64(text: str) -> str:

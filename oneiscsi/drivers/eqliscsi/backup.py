@@ -1,0 +1,196 @@
+"""Backups and in-place restores of eqliscsi disks (called by oneiscsi/drivers/backup.py).
+
+Backup: one group snapshot per disk, all taken inside one guest freeze when the backup is live
+and BACKUP_CONFIG/FS_FREEZE asks for it (oneiscsi/host/freeze.py); each snapshot is put online,
+read through libiscsi on the backup host into `disk.<id>.<backup id>` (qcow2), and put offline.
+The running VM never leaves its volume: nothing is switched to an overlay.
+
+Increments (BACKUP_CONFIG/MODE INCREMENT, 7.x asks for them for raw disks): the snapshot of
+the previous backup stays on the group as the reference, named `oneiscsi-bk-v<vm>-d<disk>-<id>`;
+the increment holds exactly the clusters whose content differs between the reference and the
+new snapshot (qemu-img rebase in safe mode compares them), backed by the previous file. A full
+backup (or MODE FULL) removes older reference snapshots; a MODE FULL backup keeps none. The
+reference of the chain oned continues from (LAST_INCREMENT_ID) is kept until the next backup
+has one of its own: a backup that fails after the snapshot leaves the chain where it was. If
+the reference is gone (deleted on the group), the increment is refused with the way out.
+
+In-place restore: the backup, downloaded to the host, is written onto the volume through the
+VM's disk link (the VM is powered off, its disks stay attached), so the link stays the device.
+"""
+from __future__ import annotations
+
+import re
+
+from oneiscsi import log
+from oneiscsi.drivers.eqliscsi import tm
+from oneiscsi.errors import Failure, Invalid
+
+PREFIX = "oneiscsi-bk"
+_NAME = re.compile(r"^oneiscsi-bk-v(\d+)-d(\d+)-(\d+)$")
+
+
+def snap_name(vmid: int, did, bid: int) -> str:
+    return "%s-v%d-d%d-%d" % (PREFIX, int(vmid), int(did), int(bid))
+
+
+def backup_snapshots(s, t, vmid: int) -> dict:
+    """{backup id: snapshot name} of this VM disk's backup snapshots on t.volume."""
+    found = {}
+    for r in s.snapshots(t.volume):
+        m = _NAME.match(r["name"])
+        if m and int(m.group(1)) == vmid and m.group(2) == str(t.did):
+            found[int(m.group(3))] = r["name"]
+    return found
+
+
+class Part:
+    """The eqliscsi disks of one pre/postbackup call."""
+
+    def __init__(self, job, disks):
+        self.job = job
+        self.targets = [tm.Target(job.call, d, job.vmid, "%s/disk.%s" % (job.vm_dir, d.disk_id), vm=job.vm)
+                        for d in disks]
+        self.made, self.ref, self.records, self.iqn = {}, {}, {}, {}
+
+    def _snap(self, t) -> str:
+        return snap_name(self.job.vmid, t.did, self.job.backup_id)
+
+    def check(self) -> None:
+        from oneiscsi.host import freeze
+        job = self.job
+        freeze.mode_of(job.fs_freeze)
+        with tm.san(self.targets) as ss:
+            for t in self.targets:
+                s = ss[t.group.address]
+                tm.resolve(s, t)
+                if job.parent >= 0:
+                    have = backup_snapshots(s, t, job.vmid)
+                    if job.parent not in have:
+                        raise Failure(
+                            "increment %d of disk %s (VM %d) needs snapshot %s of volume %s, the reference kept by "
+                            "backup %d, and the group no longer has it: take a full backup (onevm backup --reset)"
+                            % (job.backup_id, t.did, job.vmid, snap_name(job.vmid, t.did, job.parent), t.volume,
+                               job.parent))
+                    self.ref[t] = have[job.parent]
+
+    def snapshot(self) -> None:
+        """Old backup snapshots of these disks go (all but the reference), then one snapshot per
+        disk, every disk inside one freeze of the guest."""
+        from oneiscsi.host import freeze
+        job = self.job
+        with tm.locked(self.targets):
+            with tm.san(self.targets) as ss:
+                for t in self.targets:
+                    s = ss[t.group.address]
+                    for bid, name in sorted(backup_snapshots(s, t, job.vmid).items()):
+                        if name != self.ref.get(t):
+                            s.delete_snapshot(t.volume, name)
+                            log.info("removed %s of %s (an earlier backup's)" % (name, t.volume))
+            mode = job.fs_freeze if job.live else "NONE"
+            with freeze.frozen(job.host, job.deploy_id, mode):
+                with tm.san(self.targets) as ss:
+                    for t in self.targets:
+                        self._take(ss[t.group.address], t)
+
+    def _take(self, s, t) -> None:
+        from oneiscsi.san import cli, client
+        before = {r["name"] for r in s.snapshots(t.volume)}
+        made = None
+        try:
+            made = s.create_snapshot(t.volume, cli.clean_description(
+                "OpenNebula VM %d disk %s backup %d" % (self.job.vmid, t.did, self.job.backup_id)))
+            s.rename_snapshot(t.volume, made, self._snap(t))
+            self.made[t] = self._snap(t)
+        except BaseException as e:
+            if made is not None or isinstance(e, client.TransportError):
+                try:
+                    for extra in sorted({r["name"] for r in s.snapshots(t.volume)} - before):
+                        s.delete_snapshot(t.volume, extra)
+                except Exception as e2:
+                    log.error("a half-made snapshot of %s could not be deleted: %s" % (t.volume, e2))
+            raise
+
+    def read(self) -> None:
+        from oneiscsi.drivers.eqliscsi.write import Writer
+        from oneiscsi.drivers.backup import _host_step
+        from oneiscsi.host import backup as hostbackup
+        from oneiscsi.san import cli
+        job = self.job
+        reads = []
+        with tm.san(self.targets) as ss:
+            for t in self.targets:
+                s = ss[t.group.address]
+                for name in filter(None, (self.made[t], self.ref.get(t))):
+                    s.set_snapshot_online(t.volume, name, True)
+                    self.iqn[name] = s.snapshot_iqn(t.volume, name)
+                if t.cfg.access:  # restricted volumes: the reader's initiator, for this backup only
+                    self.records[t] = s.add_access(t.volume, cli.initiator_record(t.cfg.initiator(), t.cfg.chap_user))
+        for t in self.targets:
+            def lun(name):
+                w = Writer(t.cfg, self.iqn[name])
+                return hostbackup.Lun(w.portal, w.iqn, w.initiator, w.user, w.password, min_size=1)
+            ref = self.ref.get(t)
+            reads.append((t.did, job.backup_id, lun(self.made[t]), lun(ref) if ref else None))
+        res = _host_step(job.backup_host, hostbackup.read_script(job.backup_dir, reads), "backup read")
+        for line in res.stdout.splitlines():
+            if line.startswith("DONE "):
+                _, did, size = line.split()
+                log.info("disk %s: %s bytes in %s/disk.%s.%d" % (did, size, job.backup_dir, did, job.backup_id))
+
+    def finish(self, done: bool) -> None:
+        """Every path: reader records removed, snapshots offline; the new snapshot stays only as
+        the reference of an incremental chain after a successful read."""
+        try:
+            with tm.locked(self.targets), tm.san(self.targets) as ss:
+                for t in self.targets:
+                    s = ss[t.group.address]
+                    try:
+                        if t in self.records:
+                            s.delete_access(t.volume, self.records.pop(t))
+                        for name in filter(None, (self.made.get(t), self.ref.get(t))):
+                            s.set_snapshot_online(t.volume, name, False)
+                        if t in self.made and not (done and self.job.incremental):
+                            s.delete_snapshot(t.volume, self.made.pop(t))
+                    except Failure as e:
+                        log.error("cleanup of disk %s's backup snapshot on %s failed: %s" % (t.did, t.volume, e))
+        except Failure as e:
+            log.error("cleanup of the backup snapshots failed: %s" % e)
+
+    def after(self) -> None:
+        """postbackup: a FULL-mode backup keeps no snapshot (leftovers of a killed prebackup go)."""
+        if self.job.incremental:
+            return
+        try:
+            with tm.locked(self.targets), tm.san(self.targets) as ss:
+                for t in self.targets:
+                    s = ss[t.group.address]
+                    if not tm.resolve(s, t, must=False):
+                        continue
+                    for name in backup_snapshots(s, t, self.job.vmid).values():
+                        s.delete_snapshot(t.volume, name)
+        except Failure as e:
+            log.warn("leftover backup snapshots stay: %s" % e)
+
+
+class RestoreTarget:
+    """One eqliscsi disk of `onevm restore`: written through its link on the host."""
+
+    def __init__(self, call, vm, disk, host, vm_dir):
+        self.did, self.host = disk.disk_id, host
+        self.t = tm.Target(call, disk, int(vm.id), "%s/disk.%s" % (vm_dir, disk.disk_id), vm=vm)
+
+    def check(self) -> None:
+        from oneiscsi.san import client
+        t = self.t
+        if self.host in t.hs.no_iscsi:
+            raise Invalid("cannot restore disk %s on %s: NO_ISCSI lists that host" % (t.did, self.host))
+        tm._refuse_shared(t, "restore a backup onto")
+        with client.session(t.group) as s:
+            tm.resolve(s, t)
+
+    def write(self, staged: str) -> None:
+        from oneiscsi.drivers.backup import _host_step
+        from oneiscsi.host import backup as hostbackup
+        with tm.locked([self.t]):
+            _host_step(self.host, hostbackup.write_script(staged, None, link=self.t.link), "restore of disk %s"
+                       % self.did)

@@ -1,0 +1,196 @@
+"""Host-side steps of backups and in-place restores: sh scripts run in one ssh round trip each.
+
+Files follow what OpenNebula's backup datastore drivers pick up (src/tm_mad/qcow2/prebackup
+and src/tm_mad/lib/backup_kvm.rb `backup_full`, release-6.6.0 to release-7.4.0): in the backup
+folder, `vm.xml` (the VM XML, base64, as upstream writes it) and `disk.<id>.<backup id>`, a qcow2
+file (`qemu-img convert -m 4 -O qcow2`). An increment is a qcow2 file holding only the clusters
+that differ from the previous backup, with that file as backing: restores rebuild the chain with
+`qemu-img rebase -u -F qcow2 -b <previous> <increment>` and flatten it with `qemu-img convert`
+(src/tm_mad/lib/backup.rb `reconstruct_chain` / `merge_chain`, release-7.4.0).
+
+Volumes and snapshots are read through qemu-img's own iSCSI initiator (libiscsi): no kernel
+login, no device on the host. A CHAP password travels in the script text (quoted heredoc) into a
+0600 file for qemu-img's `--object secret,file=`, never on an argv.
+"""
+from __future__ import annotations
+
+import json
+
+from oneiscsi import host as hostrun
+from oneiscsi import validate
+from oneiscsi.host import q
+
+QEMU_IMG = "qemu-img"
+
+
+class Lun:
+    """How qemu-img reaches one iSCSI target: portal, IQN, initiator name, optional CHAP.
+    `lun` None: the first of LUN 0 (EqualLogic, most targets) and LUN 1 (tgtd keeps LUN 0
+    for its controller) that answers with at least `min_size` bytes."""
+
+    def __init__(self, portal: str, iqn: str, initiator: str, user: str = "", password: str = "",
+                 lun=None, min_size: int = 1, usage: str = ""):
+        self.portal, self.iqn, self.initiator = portal, iqn, initiator
+        self.user, self.password, self.lun, self.min_size = user, password, lun, int(min_size or 1)
+        self.usage = usage   # CHAP password from the host's libvirt secret of this usage (iscsi driver)
+        self.secret = ""
+
+    def spec(self, lun_var: str, secret: str) -> dict:
+        d = {"driver": "iscsi", "transport": "tcp", "portal": self.portal, "target": self.iqn,
+             "lun": lun_var, "initiator-name": self.initiator}
+        if self.user:
+            d.update({"user": self.user, "password-secret": secret})
+        return d
+
+
+def _opts(spec: dict) -> str:
+    """--image-opts text (key=value,...) with the LUN left as a shell expansion."""
+    return ",".join("%s=%s" % (k, v) for k, v in spec.items())
+
+
+def _json(spec: dict) -> str:
+    """A json: backing name (the LUN a number, from the shell variable)."""
+    return "json:" + json.dumps({"driver": "raw", "file": spec}, separators=(",", ":")).replace('"@LUN@"', "@LUN@")
+
+
+def _shell(text: str, lun_var: str) -> str:
+    """Quote `text` for sh, with the placeholder @LUN@ becoming "$<lun_var>"."""
+    return ('"$%s"' % lun_var).join(q(part) for part in text.split("@LUN@"))
+
+
+HEAD = r"""set -u
+umask 077
+work=$(mktemp -d "${TMPDIR:-/var/tmp}/oneiscsi-bk.XXXXXX") || exit 1
+trap 'rm -rf "$work"' EXIT
+fail() { echo "$*" >&2; exit 3; }
+lun_of() {  # lun_of VAR MIN_BYTES OPTS_WITH_@@ : the first of LUN 0 and 1 of at least MIN bytes
+  for l in 0 1; do
+    s=$(%(qemu)s info --output=json $objs --image-opts "$(printf '%%s' "$3" | sed "s/@@/$l/")" 2>/dev/null \
+        | sed -n 's/.*"virtual-size": *\([0-9]*\).*/\1/p' | head -n 1)
+    if [ -n "$s" ] && [ "$s" -ge "$2" ]; then eval "$1=$l"; return 0; fi
+  done
+  return 1
+}
+objs=''
+""" % {"qemu": QEMU_IMG}
+
+
+def _secrets(luns: list) -> str:
+    """One secret object per distinct CHAP password (or libvirt secret usage); `objs` holds
+    their --object options. A libvirt secret's value goes from virsh into the file unseen."""
+    out, seen = [], {}
+    for lun in luns:
+        if not lun.user:
+            continue
+        key = ("usage", lun.usage) if lun.usage else ("pw", lun.password)
+        if key not in seen:
+            n = seen[key] = "sec%d" % len(seen)
+            if lun.usage:
+                out.append("u=$(virsh -q -c qemu:///system secret-list 2>/dev/null | awk -v u=%s "
+                           "'$2==\"iscsi\" && $3==u {print $1; exit}')" % q(lun.usage))
+                out.append("[ -n \"$u\" ] || fail %s" % q("no libvirt secret with usage %s on this host: define "
+                                                              "it with `oneiscsi.pyz secret`" % lun.usage))
+                out.append("virsh -q -c qemu:///system secret-get-value \"$u\" | base64 -d > \"$work/%s\" "
+                           "|| fail 'cannot read the libvirt secret'" % n)
+            else:
+                out.append(hostrun.heredoc_value("pw", lun.password).rstrip("\n"))
+                out.append("printf '%%s' \"$pw\" > \"$work/%s\"; pw=''" % n)
+            out.append("objs=\"$objs --object secret,id=%s,file=$work/%s\"" % (n, n))
+        lun.secret = seen[key]
+    return "\n".join(out)
+
+
+def _find(lun: Lun, var: str) -> str:
+    if lun.lun is not None:
+        return "%s=%d" % (var, int(lun.lun))
+    probe = _opts(lun.spec("@@", lun.secret))
+    return "lun_of %s %d %s || fail %s" % (var, lun.min_size, q(probe), q(
+        "no LUN of %s on %s answers (access record, CHAP, or the target is down)" % (lun.iqn, lun.portal)))
+
+
+def prepare_dir(backup_dir: str, vm_xml_b64: str, fresh: bool) -> str:
+    """The backup folder as upstream's prebackup leaves it: emptied (fresh) and vm.xml written."""
+    d = q(validate.safe_path(backup_dir, "backup folder"))
+    lines = []
+    if fresh:
+        lines.append("rm -rf %s" % d)
+    lines += ["mkdir -p %s || exit 3" % d,
+              "[ -e %s/vm.xml ] || cat > %s/vm.xml <<'ONEISCSI_VMXML'\n%s\nONEISCSI_VMXML"
+              % (d, d, vm_xml_b64.strip())]
+    return "\n".join(lines) + "\n"
+
+
+def read_script(backup_dir: str, reads: list) -> str:
+    """reads: [(disk_id, backup_id, Lun of the new snapshot, Lun of the reference or None)].
+    A full read: `qemu-img convert -O qcow2` of the snapshot. An increment: a qcow2 over the new
+    snapshot rebased (safe mode, which compares contents cluster by cluster) onto the reference
+    snapshot keeps exactly the clusters that changed; then its backing becomes the previous
+    backup file, by name, as upstream's chain expects. Each file appears only when complete."""
+    d = validate.safe_path(backup_dir, "backup folder")
+    luns = [r[2] for r in reads] + [r[3] for r in reads if r[3] is not None]
+    lines = [HEAD, _secrets(luns)]
+    for n, (did, bid, new, ref) in enumerate(reads):
+        did, bid = int(did), int(bid)
+        out = "%s/disk.%d.%d" % (d, did, bid)
+        part = out + ".part"
+        lines.append(_find(new, "ln%d" % n))
+        if ref is None:
+            lines.append("%s convert -m 4 -O qcow2 $objs --image-opts %s %s || { rm -f %s; fail %s; }" % (
+                QEMU_IMG, _shell(_opts(new.spec("@LUN@", new.secret)), "ln%d" % n), q(part), q(part),
+                q("reading disk %d (%s) failed" % (did, new.iqn))))
+        else:
+            lines.append(_find(ref, "lr%d" % n))
+            lines.append("{ %s create -q -f qcow2 -F raw $objs -b %s %s && "
+                         "%s rebase -q -f qcow2 -F raw $objs -b %s %s && "
+                         "%s rebase -q -u -f qcow2 -F qcow2 -b %s %s; } || { rm -f %s; fail %s; }" % (
+                             QEMU_IMG, _shell(_json(new.spec("@LUN@", new.secret)), "ln%d" % n), q(part),
+                             QEMU_IMG, _shell(_json(ref.spec("@LUN@", ref.secret)), "lr%d" % n), q(part),
+                             QEMU_IMG, q("disk.%d.%d" % (did, bid - 1)), q(part), q(part),
+                             q("the increment of disk %d (%s against %s) failed" % (did, new.iqn, ref.iqn))))
+        lines.append("mv -f %s %s || fail %s" % (q(part), q(out), q("cannot write %s" % out)))
+        lines.append("echo \"DONE %d $(stat -c %%s %s)\"" % (did, q(out)))
+    return "\n".join(lines) + "\n"
+
+
+def cleanup_dirs(paths: list) -> str:
+    """What upstream's postbackup removes (the backup folder, BACKUP_BASE_PATH/<vmid>)."""
+    return "".join("rm -rf %s\n" % q(validate.safe_path(p, "backup folder")) for p in paths)
+
+
+def write_script(staged: str, dest, link: str = "") -> str:
+    """Write a downloaded qcow2 (`staged`, on the host) onto a volume: through the VM's disk
+    link (`link`, a block device the host is logged in to) or through libiscsi (`dest`, a Lun).
+    Refused before writing when the backup is larger than the volume; the staged file goes on
+    every path."""
+    s = q(validate.safe_path(staged, "staged backup file"))
+    lines = [HEAD]
+    if dest is not None:
+        lines.append(_secrets([dest]))
+    lines += ["trap 'rm -rf \"$work\"; rm -f %s' EXIT" % s,
+              "need=$(%s info --output=json -f qcow2 %s | sed -n 's/.*\"virtual-size\": *\\([0-9]*\\).*/\\1/p' "
+              "| head -n 1)" % (QEMU_IMG, s),
+              "[ -n \"$need\" ] || fail 'the downloaded backup is not a qcow2 image'"]
+    if link:
+        lk = q(validate.safe_path(link, "disk link"))
+        lines += ["[ -e %s ] || fail %s" % (lk, q("%s does not exist: the disk is not attached on this host" % link)),
+                  "have=$(if [ -b %s ]; then blockdev --getsize64 %s; else stat -L -c %%s %s; fi)" % (lk, lk, lk),
+                  "[ \"$have\" -ge \"$need\" ] || fail \"the backup ($need bytes) is larger than the volume "
+                  "($have bytes): grow the disk first\"",
+                  "%s convert -n -f qcow2 -O raw %s %s || fail %s" % (
+                      QEMU_IMG, s, lk, q("writing the backup onto %s failed" % link)),
+                  "sync"]
+    else:
+        lines += [_find(dest, "lw"),
+                  "%s convert -n -W -m 8 -f qcow2 $objs %s --target-image-opts %s || fail %s" % (
+                      QEMU_IMG, s, _shell(_opts(dest.spec("@LUN@", dest.secret)), "lw"),
+                      q("writing the backup onto %s failed" % dest.iqn))]
+    lines.append("echo \"DONE $need\"")
+    return "\n".join(lines) + "\n"
+
+
+def receive_command(path: str) -> str:
+    """The remote command that stores ssh's stdin in `path` (0600), as upstream's restore
+    streams the download (`ssh host dd of=<vm_dir>/disk.<id>.backup`, src/tm_mad/ssh/restore,
+    release-6.10.5)."""
+    p = q(validate.safe_path(path, "staged backup file"))
+    return "umask 077; cat > %s || { rm -f %s; exit 3; }" % (p, p)
