@@ -163,11 +163,11 @@ def _pre(job, mine, rest, args) -> int:
             if rc != 0:
                 raise Failure("the system TM's %s of disk(s) %s failed (exit %d); oneiscsi's disks were not read"
                               % (job.action, ", ".join(rest), rc))
-        fresh = not rest or job.backup_host != job.host
-        _host_step(job.backup_host, hostbackup.prepare_dir(job.backup_dir, _b64(job.vm_xml), fresh),
-                   "backup folder")
+        # the folder made ready in the same ssh round trip as the first read
+        prefix = hostbackup.prepare_dir(job.backup_dir, _b64(job.vm_xml), fresh=not rest or job.backup_host != job.host)
         for p in parts:
-            p.read()
+            p.read(prefix)
+            prefix = ""
         done = True
     finally:
         for p in parts:

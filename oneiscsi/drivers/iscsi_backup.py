@@ -48,11 +48,11 @@ class Part:
     def snapshot(self) -> None:
         """Powered off: the LUN does not change while it is read."""
 
-    def read(self) -> None:
+    def read(self, prefix: str = "") -> None:
         from oneiscsi.drivers.backup import _host_step
         from oneiscsi.host import backup as hostbackup
         reads = [(d.disk_id, self.job.backup_id, _lun(d, self.job.vmid), None) for d in self.disks]
-        _host_step(self.job.backup_host, hostbackup.read_script(self.job.backup_dir, reads), "backup read")
+        _host_step(self.job.backup_host, prefix + hostbackup.read_script(self.job.backup_dir, reads), "backup read")
 
     def finish(self, done: bool) -> None:
         pass

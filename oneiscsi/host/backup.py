@@ -114,7 +114,7 @@ def prepare_dir(backup_dir: str, vm_xml_b64: str, fresh: bool) -> str:
     lines = []
     if fresh:
         lines.append("rm -rf %s" % d)
-    lines += ["mkdir -p %s || exit 3" % d,
+    lines += ["mkdir -p %s || { echo %s >&2; exit 3; }" % (d, q("cannot create the backup folder %s" % backup_dir)),
               "[ -e %s/vm.xml ] || cat > %s/vm.xml <<'ONEISCSI_VMXML'\n%s\nONEISCSI_VMXML"
               % (d, d, vm_xml_b64.strip())]
     return "\n".join(lines) + "\n"
@@ -134,6 +134,7 @@ def read_script(backup_dir: str, reads: list) -> str:
         out = "%s/disk.%d.%d" % (d, did, bid)
         part = out + ".part"
         lines.append(_find(new, "ln%d" % n))
+        lines.append("t0=$(date +%s%N)")
         if ref is None:
             lines.append("%s convert -m 4 -O qcow2 $objs --image-opts %s %s || { rm -f %s; fail %s; }" % (
                 QEMU_IMG, _shell(_opts(new.spec("@LUN@", new.secret)), "ln%d" % n), q(part), q(part),
@@ -148,7 +149,7 @@ def read_script(backup_dir: str, reads: list) -> str:
                              QEMU_IMG, q("disk.%d.%d" % (did, bid - 1)), q(part), q(part),
                              q("the increment of disk %d (%s against %s) failed" % (did, new.iqn, ref.iqn))))
         lines.append("mv -f %s %s || fail %s" % (q(part), q(out), q("cannot write %s" % out)))
-        lines.append("echo \"DONE %d $(stat -c %%s %s)\"" % (did, q(out)))
+        lines.append("echo \"DONE %d $(stat -c %%s %s) $(( ($(date +%%s%%N) - t0) / 1000000 ))\"" % (did, q(out)))
     return "\n".join(lines) + "\n"
 
 

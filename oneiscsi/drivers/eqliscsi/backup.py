@@ -57,40 +57,49 @@ class Part:
 
     def check(self) -> None:
         from oneiscsi.host import freeze
-        job = self.job
-        freeze.mode_of(job.fs_freeze)
-        with tm.san(self.targets) as ss:
-            for t in self.targets:
-                s = ss[t.group.address]
-                tm.resolve(s, t)
-                if job.parent >= 0:
-                    have = backup_snapshots(s, t, job.vmid)
-                    if job.parent not in have:
-                        raise Failure(
-                            "increment %d of disk %s (VM %d) needs snapshot %s of volume %s, the reference kept by "
-                            "backup %d, and the group no longer has it: take a full backup (onevm backup --reset)"
-                            % (job.backup_id, t.did, job.vmid, snap_name(job.vmid, t.did, job.parent), t.volume,
-                               job.parent))
-                    self.ref[t] = have[job.parent]
+        freeze.mode_of(self.job.fs_freeze)
 
     def snapshot(self) -> None:
-        """Old backup snapshots of these disks go (all but the reference), then one snapshot per
-        disk, every disk inside one freeze of the guest."""
+        """One CLI session: every disk found, the references checked (a refusal changes
+        nothing), older backup snapshots of these disks removed (all but the reference); then
+        one snapshot per disk, every disk inside one freeze of the guest, each put online for
+        the read. Without a freeze that is all one session; with one, the snapshots get a
+        session of their own between the freeze and the thaw (no CLI session is held over an
+        ssh step)."""
         from oneiscsi.host import freeze
         job = self.job
+        mode = freeze.mode_of(job.fs_freeze) if job.live else "NONE"
         with tm.locked(self.targets):
             with tm.san(self.targets) as ss:
                 for t in self.targets:
-                    s = ss[t.group.address]
-                    for bid, name in sorted(backup_snapshots(s, t, job.vmid).items()):
-                        if name != self.ref.get(t):
-                            s.delete_snapshot(t.volume, name)
-                            log.info("removed %s of %s (an earlier backup's)" % (name, t.volume))
-            mode = job.fs_freeze if job.live else "NONE"
+                    self._prepare(ss[t.group.address], t)
+                if mode == "NONE":
+                    for t in self.targets:
+                        self._take(ss[t.group.address], t)
+                    self._expose(ss)
+                    return
             with freeze.frozen(job.host, job.deploy_id, mode):
                 with tm.san(self.targets) as ss:
                     for t in self.targets:
                         self._take(ss[t.group.address], t)
+            with tm.san(self.targets) as ss:
+                self._expose(ss)
+
+    def _prepare(self, s, t) -> None:
+        job = self.job
+        tm.resolve(s, t)
+        have = backup_snapshots(s, t, job.vmid)
+        if job.parent >= 0:
+            if job.parent not in have:
+                raise Failure(
+                    "increment %d of disk %s (VM %d) needs snapshot %s of volume %s, the reference kept by "
+                    "backup %d, and the group no longer has it: take a full backup (onevm backup --reset)"
+                    % (job.backup_id, t.did, job.vmid, snap_name(job.vmid, t.did, job.parent), t.volume, job.parent))
+            self.ref[t] = have[job.parent]
+        for bid, name in sorted(have.items()):
+            if name != self.ref.get(t):
+                s.delete_snapshot(t.volume, name)
+                log.info("removed %s of %s (an earlier backup's)" % (name, t.volume))
 
     def _take(self, s, t) -> None:
         from oneiscsi.san import cli, client
@@ -110,32 +119,38 @@ class Part:
                     log.error("a half-made snapshot of %s could not be deleted: %s" % (t.volume, e2))
             raise
 
-    def read(self) -> None:
-        from oneiscsi.drivers.eqliscsi.write import Writer
-        from oneiscsi.drivers.backup import _host_step
-        from oneiscsi.host import backup as hostbackup
+    def _expose(self, ss) -> None:
+        """Snapshots online (each is a target of its own), their IQNs; a restricted volume
+        gets a reader access record for this backup only."""
         from oneiscsi.san import cli
+        for t in self.targets:
+            s = ss[t.group.address]
+            for name in filter(None, (self.made[t], self.ref.get(t))):
+                s.set_snapshot_online(t.volume, name, True)
+                self.iqn[name] = s.snapshot_iqn(t.volume, name)
+            if t.cfg.access:
+                self.records[t] = s.add_access(t.volume, cli.initiator_record(t.cfg.initiator(), t.cfg.chap_user))
+
+    def read(self, prefix: str = "") -> None:
+        """The host step: `prefix` (the backup folder made ready) and every disk read, in one
+        ssh round trip on the backup host."""
+        from oneiscsi.drivers.backup import _host_step
+        from oneiscsi.drivers.eqliscsi.write import Writer
+        from oneiscsi.host import backup as hostbackup
         job = self.job
         reads = []
-        with tm.san(self.targets) as ss:
-            for t in self.targets:
-                s = ss[t.group.address]
-                for name in filter(None, (self.made[t], self.ref.get(t))):
-                    s.set_snapshot_online(t.volume, name, True)
-                    self.iqn[name] = s.snapshot_iqn(t.volume, name)
-                if t.cfg.access:  # restricted volumes: the reader's initiator, for this backup only
-                    self.records[t] = s.add_access(t.volume, cli.initiator_record(t.cfg.initiator(), t.cfg.chap_user))
         for t in self.targets:
             def lun(name):
                 w = Writer(t.cfg, self.iqn[name])
                 return hostbackup.Lun(w.portal, w.iqn, w.initiator, w.user, w.password, min_size=1)
             ref = self.ref.get(t)
             reads.append((t.did, job.backup_id, lun(self.made[t]), lun(ref) if ref else None))
-        res = _host_step(job.backup_host, hostbackup.read_script(job.backup_dir, reads), "backup read")
+        res = _host_step(job.backup_host, prefix + hostbackup.read_script(job.backup_dir, reads), "backup read")
         for line in res.stdout.splitlines():
             if line.startswith("DONE "):
-                _, did, size = line.split()
-                log.info("disk %s: %s bytes in %s/disk.%s.%d" % (did, size, job.backup_dir, did, job.backup_id))
+                _, did, size, ms = line.split()
+                log.info("disk %s: %s bytes in %s/disk.%s.%d, read in %s ms" % (
+                    did, size, job.backup_dir, did, job.backup_id, ms))
 
     def finish(self, done: bool) -> None:
         """Every path: reader records removed, snapshots offline; the new snapshot stays only as
