@@ -258,8 +258,8 @@ def test_increments_hold_only_changed_clusters_and_restore_with_standard_tools(b
     assert backup(-1) > size // 2
     assert backup_snaps(w, a.volume) == ["oneiscsi-bk-v%d-d0-0" % vmid]
     h.run(["rm", "-rf", keep])
-    w.terminate(vmid, "host1")
-    assert a.volume in w.sim.group.volumes
+    w.terminate(vmid, "host1")       # the VM is gone: its reference snapshot goes, the volume stays
+    assert a.volume in w.sim.group.volumes and backup_snaps(w, a.volume) == []
 
 
 def test_base_path_and_bridge_put_the_files_where_the_backup_datastore_reads(bw, tmp_path):
@@ -417,3 +417,36 @@ def test_install_wraps_backup_scripts_once_and_uninstall_restores_them(tmp_path,
     out = subprocess.run([oneutil.PYTHON, str(pyz), "install", "--remotes", str(r64), "--python", oneutil.PYTHON],
                          capture_output=True, text=True, check=True).stdout
     assert "wrapped" not in out
+
+
+@pytest.mark.parametrize("version", ["6.6", "6.8", "6.10", "7.0", "7.4"])
+def test_every_backup_call_shape_lands_where_that_version_reads(bw, tmp_path, version):
+    """Arguments per version (6.6: no bj_id; 6.8+: bj_id, release-6.8.0 qcow2/prebackup) and
+    BACKUP_BASE_PATH honoured from 6.10 only (6.6/6.8 scripts always use <vm_dir>/backup); a VM
+    without oneiscsi disks goes to the original with the very same arguments and stdin."""
+    w = bw
+    env = Env(w, tmp_path, version, base_path="/var/lib/one/datastores/bb")
+    a = _image(w, env)
+    vmid = next(_ids)
+    _vm(w, env, [(0, a)], vmid)
+    env.cloud.backup(vmid, live=False)
+    bjid = version != "6.6"
+    env.call("prebackup", vmid, [0], bjid=bjid)
+    bdir = ("/var/lib/one/datastores/bb/%d/backup" % vmid if env.version >= (6, 10)
+            else "/var/lib/one/datastores/0/%d/backup" % vmid)
+    assert img_bytes(w, "host1", bdir + "/disk.0.0") == a.data
+    env.call("postbackup", vmid, [0], bjid=bjid)
+    assert w.hosts["host1"].run(["test", "-e", bdir], check=False).returncode != 0
+    assert env.orig_calls() == []
+    # another VM with no oneiscsi disk: the original alone, untouched
+    other = next(_ids)
+    env.cloud.vm(other, [], hosts=("host1",), others=[{"DISK_ID": "0", "TM_MAD": "ssh", "TYPE": "FILE"}])
+    w.hosts["host1"].run(["sh", "-c", "mkdir -p %s && head -c 65536 /dev/urandom > %s"
+                          % (os.path.dirname(local(other, 0)), local(other, 0))], user="oneadmin")
+    env.cloud.backup(other, live=True)
+    res = env.call("prebackup_live", other, [0], bjid=bjid)
+    want = ["prebackup_live", "host1:/var/lib/one/datastores/0/%d" % other, "0", "one-%d" % other]
+    want += (["-"] if bjid else []) + [str(other), "0"]
+    assert env.orig_calls() == [want], res
+    env.cloud.done(other)
+    w.terminate(vmid, "host1")

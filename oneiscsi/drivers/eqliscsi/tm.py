@@ -61,6 +61,7 @@ EQL_SECURITY_ACCESS lists are never removed.
 from __future__ import annotations
 
 import contextlib
+import re
 import ipaddress
 import socket
 
@@ -638,6 +639,26 @@ def tm_mvds(call):
         if t.clone:
             delete_clone(s, t)
     release(host, [t], after=after if new or t.clone else None)
+    _drop_backup_snapshots(t)
+
+
+def _drop_backup_snapshots(t: Target) -> None:
+    """A VM that ends (EPILOG, not stop/undeploy: it never backs up again) leaves no backup
+    reference snapshot on a volume that outlives it (its image's, a shared one); a clone's go with
+    the clone. Looked at only when the group counts snapshots on the volume."""
+    if t.clone or t.info is None or t.vm.lcm_state in LEAVING:
+        return
+    if not re.match(r"[1-9]", parse.field(t.info, "snapshots", "0").strip() or "0"):
+        return
+    from oneiscsi.drivers.eqliscsi import backup
+    from oneiscsi.san import client
+    try:
+        with locked([t]), client.session(t.group) as s:
+            for name in backup.backup_snapshots(s, t, t.vmid).values():
+                s.delete_snapshot(t.volume, name)
+                log.info("removed backup reference %s of %s: VM %d is gone" % (name, t.volume, t.vmid))
+    except Failure as e:
+        log.warn("backup reference snapshots of VM %d stay on %s: %s" % (t.vmid, t.volume, e))
 
 
 def _copy_volume(s, t: Target, new: str, snap, description: str) -> None:
@@ -716,6 +737,7 @@ def tm_delete(call):
             if t.clone else None)
     if gone == [False]:
         _delete_busy_clone(host, t)
+    _drop_backup_snapshots(t)
 
 
 def _delete_busy_clone(host, t: Target) -> None:
