@@ -210,8 +210,9 @@ def explain(rows: list) -> list:
 
 def check(host: str, plan: Plan) -> list:
     libvirt = "iscsi" in plan.drivers
+    # qemu-img's libiscsi: QEMU's own disks (iscsi) and every backup read / in-place restore (both)
     script = checks.script(usages=plan.usages if libvirt else (), portals=plan.portals, libvirt=libvirt,
-                           qemu=libvirt, eql="eqliscsi" in plan.drivers, eql_chap=plan.eql_chap)
+                           qemu=True, eql="eqliscsi" in plan.drivers, eql_chap=plan.eql_chap)
     res = hostrun.run(host, script, timeout=120, what="selftest")
     name = host or os.uname().nodename
     if hostrun.unreachable(res):
