@@ -27,6 +27,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 
 from oneiscsi import log, validate
 from oneiscsi.errors import Failure, Invalid
@@ -286,16 +287,18 @@ def download(call, url: str, host: str, path: str) -> str:
         raise Invalid("backup URL %s is refused" % validate.show(url))
     downloader = os.path.join(remotes_dir(call.argv0), "datastore", "downloader.sh")
     ssh = hostrun.ssh_command(host)[:-1] + [hostbackup.receive_command(path)]
-    try:
-        dl = subprocess.Popen([downloader, "--nodecomp", url, "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    except OSError as e:
-        raise Failure("cannot run %s: %s" % (downloader, e)) from None
-    try:
-        rx = subprocess.run(ssh, stdin=dl.stdout, capture_output=True, timeout=86400)
-    finally:
-        dl.stdout.close()
-        err = dl.stderr.read().decode("utf-8", "replace")
-        dl.wait()
+    with tempfile.TemporaryFile() as errf:   # a file, not a pipe: a chatty downloader cannot block the stream
+        try:
+            dl = subprocess.Popen([downloader, "--nodecomp", url, "-"], stdout=subprocess.PIPE, stderr=errf)
+        except OSError as e:
+            raise Failure("cannot run %s: %s" % (downloader, e)) from None
+        try:
+            rx = subprocess.run(ssh, stdin=dl.stdout, capture_output=True, timeout=86400)
+        finally:
+            dl.stdout.close()
+            dl.wait()
+        errf.seek(0)
+        err = errf.read().decode("utf-8", "replace")
     if dl.returncode != 0:
         hostrun.run(host, "rm -f %s\n" % hostrun.q(path), timeout=60, what="cleanup")
         raise Failure("downloading %s failed: %s" % (validate.show(url, 120), log.mask(hostrun.last_line(err))
