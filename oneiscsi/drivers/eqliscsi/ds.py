@@ -1,6 +1,7 @@
 """The eqliscsi datastore actions: images are volumes on a Dell EqualLogic PS group.
 
-cp      validate; fetch the source (local file, http/https; MD5/SHA1 checked,
+cp      validate; fetch the source (local file, http/https, a backup's rsync:// or restic://
+        URL through OpenNebula's downloader.sh (source.py); MD5/SHA1 checked,
         gzip/bzip2/xz unpacked unless NO_DECOMPRESS, downloads staged in
         EQL_STAGING_DIR) and read its format (raw or qcow2) and size with qemu-img
         (backing and external data files are refused); create the
@@ -171,7 +172,7 @@ def ds_cp(call):
     iid = _image_id(call, image)
     name = common.volume_name(image.name, iid)
     write.check_write_settings(cfg, ds.datastore)  # before any data moves
-    src = source.prepare_source(image, ds.datastore, cfg)
+    src = source.prepare_source(image, ds.datastore, cfg, remotes_dir(call.argv0))
     try:
         size_mb = max(image.size_mb, math.ceil(src.size / MiB), 1)
         vol = NewVolume(cfg, name, _description(image, iid), writer_access=True)
