@@ -178,3 +178,11 @@ def test_hostile_backup_urls_refused_before_anything_runs(setup, path, words):
     text = one_line(res, (6, 8))
     assert words in text, text
     assert not calls.exists() and lab.state() == before
+
+
+def test_stat_of_a_backup_url_points_to_oneimage_restore(setup):
+    """Without FROM_BACKUP_DS oned asks this datastore's stat: it says how such images are made."""
+    from tests.test_eqliscsi_ds import stat_data
+    lab, remotes, root, env, calls = setup
+    res = lab.call(remotes, "stat", stat_data(url(43, [(0, "ab12")], "disk.0.0")), 307, env=env)
+    assert "oneimage restore" in one_line(res, (6, 8)) and not calls.exists()

@@ -435,6 +435,10 @@ def _gzip_size(path: str) -> int:
 def size_of(path: str, datastore) -> int:
     """Bytes of a source: virtual size for qcow2, gzip's recorded size, Content-Length for URLs."""
     _check_path_text(path)
+    if is_backup_url(path):
+        # with FROM_BACKUP_DS oned asks the backup datastore's stat (src/rm/api/ImageAPI.cc, 7.4.0)
+        raise NotSupported("PATH %s is a backup: restore it with `oneimage restore`, which gives the image "
+                           "FROM_BACKUP_DS so that the backup datastore tells its size" % validate.show(path, 200))
     if _is_url(path):
         return _url_size(path)
     real = _local_path(path, datastore)
