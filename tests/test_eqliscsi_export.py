@@ -146,3 +146,20 @@ def test_export_on_a_bridge_host(elab, remotes, tmp_path, bridge_sshd):
     ssh = shlex.split(env["ONEISCSI_SSH"])
     subprocess.run(ssh + shlex.split(got["DISPOSE_CMD"])[1:], check=True)
     assert not os.path.exists(path)
+
+
+def test_a_reader_record_that_cannot_be_removed_fails_the_export(elab, remotes):
+    """The record added for the read must go: when the group refuses its removal the export
+    fails saying so (the operator removes it), and the staged file is removed."""
+    lab = elab
+    lab.conf(EQL_SECURITY_ACCESS="ipaddress 10.9.9.9")
+    try:
+        vol = volume_with(lab, "sticky.25", os.urandom(MiB), ipaddress="10.9.9.9")
+        lab.sim.faults.fail_next(r"access delete", "Access control record is busy.")
+        res = lab.call(remotes, "export", ds_data(iid=25, name="sticky", source=vol, size_mb=4), 25)
+        text = one_line(res, (6, 8))
+        assert "could NOT be removed" in text and "sticky.25" in text, text
+        assert os.listdir(lab.staging) == []
+    finally:
+        lab.sim.faults.clear()
+        lab.conf()

@@ -457,7 +457,7 @@ def ds_export(call):
                     raise Failure("the access record %s added to volume %s for the read could NOT be removed (%s): "
                                   "remove it on the group" % (record, name, e)) from None
     host, path, md5 = staged
-    source = "ssh://%s:%s" % (host, path) if host else path
+    import_source = "ssh://%s:%s" % (host, path) if host else path
     dispose = "YES"
     extra = ""
     if call.wire.version >= (6, 0, 0):
@@ -468,8 +468,8 @@ def ds_export(call):
                  "app is READY" % (path, host))
     call.result("<IMPORT_INFO><IMPORT_SOURCE><![CDATA[%s]]></IMPORT_SOURCE><MD5><![CDATA[%s]]></MD5>"
                 "<SIZE><![CDATA[%d]]></SIZE><FORMAT><![CDATA[qcow2]]></FORMAT><DISPOSE>%s</DISPOSE>%s"
-                "</IMPORT_INFO>" % (source, md5, math.ceil(size / MiB), dispose, extra))
-    log.info("volume %s exported to %s (%d MB, md5 %s)" % (name, source, math.ceil(size / MiB), md5))
+                "</IMPORT_INFO>" % (import_source, md5, math.ceil(size / MiB), dispose, extra))
+    log.info("volume %s exported to %s (%d MB, md5 %s)" % (name, import_source, math.ceil(size / MiB), md5))
 
 
 def _dispose_argv(host: str, path: str) -> list:
