@@ -337,6 +337,9 @@ def oned_conf(drivers) -> str:
                 'TM_MAD_CONF = [ NAME = "eqliscsi", LN_TARGET = "NONE", CLONE_TARGET = "SELF", SHARED = "YES",',
                 '  DRIVER = "raw", DS_MIGRATE = "NO" ]',
                 'DS_MAD_CONF = [ NAME = "eqliscsi", REQUIRED_ATTRS = "DISK_TYPE", PERSISTENT_ONLY = "NO" ]',
+                "# and, for live disk snapshots, at the end of /etc/one/vmm_exec/vmm_execrc (sourced by the VMM "
+                "driver, src/mad/sh/madcommon.sh), then restart oned:",
+                'LIVE_DISK_SNAPSHOTS="$LIVE_DISK_SNAPSHOTS kvm-eqliscsi qemu-eqliscsi"',
             ]
     if any(d in ("iscsi", "iscsi_libvirt") for d in drivers):
         lines += [

@@ -43,25 +43,28 @@ import time
 # `oneiscsi.pyz lab` has it too; copied into each lab's workdir with its exec bits (a zipapp
 # extraction does not keep file modes).
 STANDIN_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standin")
+# The virsh stand-in (domfsfreeze/domfsthaw/suspend/resume only): on PATH only for labs made
+# with virsh_standin=True, so labs running a real libvirtd keep the real virsh.
+VIRSH_STANDIN_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "virsh_standin")
 STANDIN_ROOT = "/var/lib/oneiscsi-lab"  # world-traversable: oneadmin runs the copies
 
 
-def standin_dir() -> str:
+def standin_dir(src: str = STANDIN_SRC, prefix: str = "standin-") -> str:
     """A world-readable copy of the stand-in scripts, mode 755, named by their content."""
     import hashlib
-    names = sorted(os.listdir(STANDIN_SRC))
+    names = sorted(os.listdir(src))
     digest = hashlib.sha256()
     for name in names:
-        with open(os.path.join(STANDIN_SRC, name), "rb") as f:
+        with open(os.path.join(src, name), "rb") as f:
             digest.update(name.encode() + b"\0" + f.read())
-    target = os.path.join(STANDIN_ROOT, "standin-" + digest.hexdigest()[:16])
+    target = os.path.join(STANDIN_ROOT, prefix + digest.hexdigest()[:16])
     if not os.path.isdir(target):
         os.makedirs(STANDIN_ROOT, mode=0o755, exist_ok=True)
         os.chmod(STANDIN_ROOT, 0o755)
         tmp = "%s.tmp%d" % (target, os.getpid())
         os.makedirs(tmp, mode=0o755)
         for name in names:
-            shutil.copyfile(os.path.join(STANDIN_SRC, name), os.path.join(tmp, name))
+            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
             os.chmod(os.path.join(tmp, name), 0o755)
         try:
             os.rename(tmp, target)
@@ -214,6 +217,7 @@ class Host:
         self._proc = None
         self._down = False
         self._hidden = 0
+        self.virsh_dir = os.path.join(self.root, "run", "lock", "virsh-standin")   # the virsh stand-in's log
 
     def __repr__(self):
         return "<Host %s %s>" % (self.name, self.addr)
@@ -274,16 +278,20 @@ class Lab:
     """A bridge, an optional SAN netns and N sshd hosts. Use as a context manager."""
 
     def __init__(self, workdir: str, hosts=("host1", "host2"), san=True, libvirtd=False, standin=True,
-                 shared_datastores=False):
+                 shared_datastores=False, virsh_standin=False):
         """shared_datastores: every host sees ONE /var/lib/one/datastores folder, as the hosts of
         a `shared` system datastore do over NFS (opennebula-semantics.md section 2); else each
-        host has its own, as with `ssh`."""
+        host has its own, as with `ssh`. virsh_standin: the virsh stand-in (virsh_standin/virsh,
+        guest freeze/thaw only) first on the hosts' PATH; it logs to the host's
+        /run/lock/virsh-standin (Host.virsh_dir)."""
         self.shared_datastores = shared_datastores
         self.workdir = os.path.abspath(workdir)
         self.host_names = list(hosts)
         self.want_san, self.libvirtd, self.standin = san, libvirtd, standin
         self.standin_dir = standin_dir() if standin else ""
         self.path = (self.standin_dir + ":" if standin else "") + SYSTEM_PATH
+        if virsh_standin:
+            self.path = standin_dir(VIRSH_STANDIN_SRC, "virsh-") + ":" + self.path
         self.hosts: dict = {}
         self.san = None
         self.n = None

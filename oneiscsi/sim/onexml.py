@@ -78,8 +78,9 @@ def backups_xml(config: dict) -> str:
 
 
 def vm_xml(vmid=0, disks=(), hosts=("host1",), lcm_state=3, state=3, system_ds=0, name="vm",
-           version=(6, 8), tm_system="shared", backups=None) -> str:
+           version=(6, 8), tm_system="shared", features=None, backups=None) -> str:
     """disks: list of DISK XML strings (disk_xml); hosts: history, last = current host;
+    features: /VM/TEMPLATE/FEATURES attributes (GUEST_AGENT...), as the VM owner wrote them;
     backups: BACKUP_CONFIG attributes (6.6+)."""
     history = []
     for seq, h in enumerate(hosts):
@@ -99,7 +100,9 @@ def vm_xml(vmid=0, disks=(), hosts=("host1",), lcm_state=3, state=3, system_ds=0
                  _el("NAME", name), _el("LAST_POLL", 0), _el("STATE", state), _el("LCM_STATE", lcm_state),
                  _el("PREV_STATE", state), _el("PREV_LCM_STATE", lcm_state), _el("RESCHED", 0),
                  _el("STIME", 1700000000), _el("ETIME", 0), _el("DEPLOY_ID", "one-%s" % vmid)]),
-        "".join(disks), _el("TM_MAD_SYSTEM", tm_system) if tuple(version) >= (5, 0) else "",
+        "".join(disks) + ("<FEATURES>%s</FEATURES>" % "".join(_el(k, v) for k, v in features.items())
+                          if features else ""),
+        _el("TM_MAD_SYSTEM", tm_system) if tuple(version) >= (5, 0) else "",
         "".join(history), backups_xml(backups) if backups is not None and tuple(version) >= (6, 6) else ""))
 
 

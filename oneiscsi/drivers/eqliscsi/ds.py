@@ -1,6 +1,7 @@
 """The eqliscsi datastore actions: images are volumes on a Dell EqualLogic PS group.
 
-cp      validate; fetch the source (local file, http/https; MD5/SHA1 checked,
+cp      validate; fetch the source (local file, http/https, a backup's rsync:// or restic://
+        URL through OpenNebula's downloader.sh (source.py); MD5/SHA1 checked,
         gzip/bzip2/xz unpacked unless NO_DECOMPRESS, downloads staged in
         EQL_STAGING_DIR) and read its format (raw or qcow2) and size with qemu-img
         (backing and external data files are refused); create the
@@ -19,6 +20,8 @@ rm      offline + delete; "does not exist" is success; refused while initiators 
 stat    MB of the source (virtual size for qcow2, gzip's recorded size, Content-Length
         for URLs).
 monitor one `pool select <pool> show`.
+export  for a marketplace app: the volume read into a qcow2 file (frontend or BRIDGE_LIST
+        host) and `<IMPORT_INFO>` printed, DISPOSE=YES (see ds_export).
 snap_delete / snap_revert / snap_flatten
         group snapshots `one-snap-<id>` stand for the image's snapshot ids.
 
@@ -45,7 +48,7 @@ import tempfile
 
 from oneiscsi import config, log, validate
 from oneiscsi.drivers.eqliscsi import common, source, write
-from oneiscsi.errors import Failure, Invalid, NotSupported
+from oneiscsi.errors import Failure, Invalid
 from oneiscsi.one.version import remotes_dir
 from oneiscsi.san import cli, client, parse
 
@@ -171,7 +174,7 @@ def ds_cp(call):
     iid = _image_id(call, image)
     name = common.volume_name(image.name, iid)
     write.check_write_settings(cfg, ds.datastore)  # before any data moves
-    src = source.prepare_source(image, ds.datastore, cfg)
+    src = source.prepare_source(image, ds.datastore, cfg, remotes_dir(call.argv0))
     try:
         size_mb = max(image.size_mb, math.ceil(src.size / MiB), 1)
         vol = NewVolume(cfg, name, _description(image, iid), writer_access=True)
@@ -408,10 +411,79 @@ def ds_snap_flatten(call):
 
 
 def ds_export(call):
-    """The marketplace's `export` (src/market_mad/one_market.rb `import`, 5.0+). Without
-    this action oned would show a shell's "not found" (6.0.3+) or nothing (up to 6.0.2)."""
-    raise NotSupported("export: not supported: EqualLogic volumes cannot be exported to a marketplace; "
-                       "copy the volume to a file (qemu-img convert) and create the app from that file")
+    """The marketplace's `export` (src/market_mad/one_market.rb `import`, release-5.0 to 7.4.0):
+    the volume is read into a qcow2 file on the frontend (EQL_STAGING_DIR) or the first
+    reachable BRIDGE_LIST host and the market driver gets `<IMPORT_INFO>` with IMPORT_SOURCE
+    (the file's path; `ssh://<host>:<path>` on a bridge host, as src/datastore_mad/remotes/
+    fs/export does), MD5 and FORMAT of that file, SIZE in MB, DISPOSE=YES and (6.0+) DISPOSE_CMD,
+    which the market driver runs after the upload (src/market_mad/remotes/http/import and s3/import,
+    release-6.0.0+). 5.x has no DISPOSE_CMD: its http import removes a frontend IMPORT_SOURCE
+    itself when DISPOSE=YES (release-5.12.0), so a file on a bridge host is DISPOSE=NO there.
+
+    The volume is read directly, without a snapshot: oned makes the app only from an image in
+    READY, USED or CLONE state and moves a persistent one to CLONE for the copy, refusing
+    USED_PERS (ImageManager::set_clone_state, src/image/ImageManagerActions.cc, release-5.12.0
+    and 7.4.0), so no VM writes the volume meanwhile (non-persistent VMs use their own clones,
+    IMMUTABLE and CDROM images are attached read-only). With EQL_SECURITY_ACCESS set, a record for
+    the reader's initiator is added for the read and removed after it, on every path."""
+    ds, cfg = _setup(call)
+    image = ds.image
+    name = image_volume(image)
+    write.check_write_settings(cfg, ds.datastore)  # before any session
+    group = cfg.group()
+    record = None
+    with common.volume_lock(group, name, cfg.lock_wait):
+        with client.session(group) as s:
+            info = s.volume_info(name)
+            if info is None:
+                raise Failure("volume %s of image %s does not exist on the group" % (name, _image_id(call, image)))
+            try:
+                size = parse.size_mb(info.get("Size", "")) * MiB
+            except parse.ParseError:
+                raise Failure("the group shows no size for volume %s" % name) from None
+            if cfg.access:
+                record = s.add_access(name, cli.initiator_record(cfg.initiator(), cfg.chap_user))
+        staged = None
+        try:
+            staged = write.read(cfg, ds.datastore, info["iqn"], size, "qcow2")
+        finally:
+            if record is not None:
+                try:
+                    with client.session(group) as s:
+                        s.delete_access(name, record)
+                except Failure as e:
+                    if staged is not None:
+                        _dispose(staged)
+                    raise Failure("the access record %s added to volume %s for the read could NOT be removed (%s): "
+                                  "remove it on the group" % (record, name, e)) from None
+    host, path, md5 = staged
+    import_source = "ssh://%s:%s" % (host, path) if host else path
+    dispose = "YES"
+    extra = ""
+    if call.wire.version >= (6, 0, 0):
+        extra = "<DISPOSE_CMD><![CDATA[%s]]></DISPOSE_CMD>" % " ".join(_dispose_argv(host, path))
+    elif host:
+        dispose = "NO"
+        log.warn("OpenNebula 5.x removes only a frontend file after the upload: remove %s on %s once the "
+                 "app is READY" % (path, host))
+    call.result("<IMPORT_INFO><IMPORT_SOURCE><![CDATA[%s]]></IMPORT_SOURCE><MD5><![CDATA[%s]]></MD5>"
+                "<SIZE><![CDATA[%d]]></SIZE><FORMAT><![CDATA[qcow2]]></FORMAT><DISPOSE>%s</DISPOSE>%s"
+                "</IMPORT_INFO>" % (import_source, md5, math.ceil(size / MiB), dispose, extra))
+    log.info("volume %s exported to %s (%d MB, md5 %s)" % (name, import_source, math.ceil(size / MiB), md5))
+
+
+def _dispose_argv(host: str, path: str) -> list:
+    """What removes a staged export file: run by the market driver as `$DISPOSE_CMD` (word split)."""
+    return (["ssh", host] if host else []) + ["rm", "-f", path]
+
+
+def _dispose(staged) -> None:
+    host, path, _ = staged
+    if not host:
+        source._unlink(path)
+        return
+    from oneiscsi import host as hostrun
+    hostrun.run(host, "rm -f %s\n" % hostrun.q(path), timeout=60, what="staged file removal")
 
 
 DS = {

@@ -1,5 +1,17 @@
 """The source of an eqliscsi cp or stat: local files and http(s) URLs, checksums,
-unpacking, staging, and what qemu-img says about the image (format, virtual size)."""
+unpacking, staging, and what qemu-img says about the image (format, virtual size).
+
+Backups (`oneimage restore`): the backup datastore's `restore` allocates one image per disk
+with PATH=`rsync://<bk_ds>/<bj_id>/<chain>/<path>/disk.N.M` or `restic://...` and
+FROM_BACKUP_DS (src/tm_mad/lib/backup.rb `BackupRestore#disk_images`, release-7.4.0); oned asks
+the backup datastore's `stat` for the size (src/rm/api/ImageAPI.cc, FROM_BACKUP_DS, 7.4.0) and
+then runs this datastore's `cp`. Such a PATH goes to OpenNebula's own
+`<remotes>/datastore/downloader.sh --nodecomp URL -` (the same tool and flag the upstream drivers
+use: src/datastore_mad/remotes/ceph/cp stages it the same way, src/tm_mad/ssh/restore streams it;
+release-7.4.0), which prints one qcow2 image with the increments merged
+(src/datastore_mad/remotes/rsync_downloader.rb, restic_downloader.rb); the stream is staged like
+an http download and written as any qcow2 source. `rsync+rbd://` / `restic+rbd://` are Ceph's own
+backup format (RBD export/diff archives) and are refused."""
 from __future__ import annotations
 
 import bz2
@@ -48,6 +60,88 @@ def _unlink(path):
 
 def _is_url(path: str) -> bool:
     return bool(re.match(r"^https?://", path, re.IGNORECASE))
+
+
+# rsync://<ds id>/<backup job id or empty>/<inc id>:<snapshot>[,...]/<absolute path ending in disk.N.M>
+# (backup.rb `BackupRestore`: base_url "<proto>://<ds_id>/<bj_id>/<chain>" + the file's path). The
+# downloaders put the path and the chain into shell commands on the backup server: only these
+# characters pass, and no `..` component.
+BACKUP_URL = re.compile(r"^(rsync|restic)://(\d{1,10})/(\d{0,10})/(\d{1,10}:[A-Za-z0-9]{1,64}"
+                        r"(?:,\d{1,10}:[A-Za-z0-9]{1,64}){0,1000})/(/(?:[A-Za-z0-9_][A-Za-z0-9._-]*/)*"
+                        r"disk\.\d{1,6}(?:\.\d{1,10})?)$")
+BACKUP_SCHEMES = re.compile(r"^(rsync|restic)(\+[a-z0-9]+)?://", re.IGNORECASE)
+
+
+def is_backup_url(path: str) -> bool:
+    return bool(BACKUP_SCHEMES.match(path or ""))
+
+
+def check_backup_url(path: str, image=None) -> str:
+    """The backup URL `path`, validated (see BACKUP_URL); FROM_BACKUP_DS, when the image has it,
+    must name the URL's datastore."""
+    m = BACKUP_SCHEMES.match(path)
+    if m and m.group(2):
+        raise NotSupported("PATH %s is a Ceph (%s) backup: its RBD archives cannot be restored into an "
+                           "EqualLogic volume; restore it into a Ceph datastore"
+                           % (validate.show(path, 200), m.group(0).rstrip(":/")))
+    m = BACKUP_URL.match(path)
+    if not m or any(part in (".", "..") for part in m.group(5).split("/")):
+        raise Invalid("PATH %s is refused: not a backup URL as OpenNebula's backup datastores write it "
+                      "(<rsync|restic>://<ds id>/<job id>/<inc>:<snapshot>,.../<path>/disk.<id>.<inc>)"
+                      % validate.show(path, 200))
+    want = image.tpl("FROM_BACKUP_DS").strip() if image is not None else ""
+    if want and want != m.group(2):
+        raise Invalid("PATH %s is refused: it names backup datastore %s, the image's FROM_BACKUP_DS is %s"
+                      % (validate.show(path, 200), m.group(2), validate.show(want)))
+    return path
+
+
+def downloader(remotes: str) -> str:
+    """OpenNebula's downloader.sh, where the upstream actions find it: next to the driver
+    folders (`$(dirname $0)/../downloader.sh` in src/datastore_mad/remotes/fs/cp, release-7.4.0)."""
+    path = os.path.join(remotes, "datastore", "downloader.sh")
+    if not os.access(path, os.X_OK):
+        raise Failure("OpenNebula's downloader.sh is not at %s (needed to restore a backup): run the action "
+                      "from OpenNebula's remotes tree" % path)
+    return path
+
+
+def _from_backup(path, remotes, cfg, hashes, unpack, rate) -> Source:
+    """Stage what `downloader.sh --nodecomp URL -` prints; its exit status decides."""
+    import threading
+    argv = [downloader(remotes), "--nodecomp", path, "-"]
+    log.info("restoring backup %s through %s" % (path, argv[0]))
+    try:  # its own process group: what it starts (ssh, qemu-img) dies with it on a failure here
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    except OSError as e:
+        raise Failure("cannot run %s: %s" % (argv[0], e)) from None
+    err = []
+    t = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+    t.start()
+    src = None
+    try:
+        src = _stage(proc.stdout.read, cfg, hashes, unpack, rate, "backup %s" % path)
+        rc = proc.wait()
+    except BaseException:
+        _kill(proc)
+        raise
+    t.join(10)
+    if rc != 0:
+        src.cleanup()
+        msg = last_line(err[0].decode("utf-8", "replace") if err else "")
+        raise Failure("downloader.sh could not fetch %s: %s" % (path, log.mask(msg) or "exit code %d" % rc))
+    return src
+
+
+def _kill(proc) -> None:
+    import signal
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait()
 
 
 def _check_path_text(path: str) -> None:
@@ -248,14 +342,16 @@ def _open_url(url: str, method="GET"):
         raise Failure("cannot download %s: %s" % (log.mask(url), getattr(e, "reason", e))) from None
 
 
-def prepare_source(image, datastore, cfg) -> Source:
+def prepare_source(image, datastore, cfg, remotes: str = "") -> Source:
     """The image's PATH as a local file ready for qemu-img (see the module docstring)."""
     path = image["PATH"]
     _check_path_text(path)
     hashes = _hashes(image)
     unpack = not _no_decompress(datastore)
     rate = _rate(datastore)  # downloads here; every write to a volume through qemu-img -r
-    if _is_url(path):
+    if is_backup_url(path):
+        src = _from_backup(check_backup_url(path, image), remotes, cfg, hashes, unpack, rate)
+    elif _is_url(path):
         log.info("downloading %s" % log.mask(path))
         with _open_url(path) as resp:
             src = _stage(resp.read, cfg, hashes, unpack, rate, log.mask(path))  # rate: the download
@@ -339,6 +435,10 @@ def _gzip_size(path: str) -> int:
 def size_of(path: str, datastore) -> int:
     """Bytes of a source: virtual size for qcow2, gzip's recorded size, Content-Length for URLs."""
     _check_path_text(path)
+    if is_backup_url(path):
+        # with FROM_BACKUP_DS oned asks the backup datastore's stat (src/rm/api/ImageAPI.cc, 7.4.0)
+        raise NotSupported("PATH %s is a backup: restore it with `oneimage restore`, which gives the image "
+                           "FROM_BACKUP_DS so that the backup datastore tells its size" % validate.show(path, 200))
     if _is_url(path):
         return _url_size(path)
     real = _local_path(path, datastore)

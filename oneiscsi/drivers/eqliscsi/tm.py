@@ -36,6 +36,7 @@ delete    VM directory: `rm -rf` on the host. Disk: release; the per-VM clone of
           is deleted once no host is logged in to it (stray sessions on the VM's earlier hosts are
           logged out first). Already gone = success; an unreachable host is a warning.
 resize    SAN grow (skipped when already that big), then a rescan on the host.
+snap_create_live: snap_create of a running VM, guest filesystems frozen around it (below).
 snap_create / snap_delete / snap_revert: group snapshots `one-snap-<id>`; revert takes the
           volume offline, so it is refused for volumes other VMs use or may use (READONLY,
           SHAREABLE, other users in oned).
@@ -815,24 +816,81 @@ def tm_snap_create(call):
     host, t, snap = _snap_target(call)
     with locked([t]), client.session(t.group) as s:
         resolve(s, t)
-        before = {r["name"] for r in s.snapshots(t.volume)}
-        if snap in before:
-            log.info("snapshot %s of %s exists already" % (snap, t.volume))
+        before = _snapshot_names(s, t, snap)
+        if before is None:
             return
-        made = None
-        try:
-            made = s.create_snapshot(t.volume, "OpenNebula VM %d disk %s snapshot" % (t.vmid, t.did))
-            s.rename_snapshot(t.volume, made, snap)
-        except BaseException as e:
-            suffix = ""
-            if made is not None or isinstance(e, client.TransportError):
-                try:
-                    for extra in sorted({r["name"] for r in s.snapshots(t.volume)} - before):
-                        s.delete_snapshot(t.volume, extra)
-                except Exception as e2:
-                    suffix = "; a half-made snapshot of %s could NOT be deleted (%s)" % (t.volume, e2)
-            _reraise(e, suffix)
+        _create_snapshot(s, t, snap, before)
     log.info("snapshot %s of %s created" % (snap, t.volume))
+
+
+def _snapshot_names(s, t: Target, snap):
+    """The names of the volume's snapshots, or None when `snap` is among them already."""
+    before = {r["name"] for r in s.snapshots(t.volume)}
+    if snap in before:
+        log.info("snapshot %s of %s exists already" % (snap, t.volume))
+        return None
+    return before
+
+
+def _create_snapshot(s, t: Target, snap, before) -> None:
+    """A group snapshot of t's volume named `snap`; a half-made one (made but not renamed, or a
+    broken connection) is deleted again: only snapshots not in `before` go."""
+    from oneiscsi.san import client
+    made = None
+    try:
+        made = s.create_snapshot(t.volume, "OpenNebula VM %d disk %s snapshot" % (t.vmid, t.did))
+        s.rename_snapshot(t.volume, made, snap)
+    except BaseException as e:
+        suffix = ""
+        if made is not None or isinstance(e, client.TransportError):
+            try:
+                for extra in sorted({r["name"] for r in s.snapshots(t.volume)} - before):
+                    s.delete_snapshot(t.volume, extra)
+            except Exception as e2:
+                suffix = "; a half-made snapshot of %s could NOT be deleted (%s)" % (t.volume, e2)
+        _reraise(e, suffix)
+
+
+def tm_snap_create_live(call):
+    """snap_create on a RUNNING VM (one_vmm_exec.rb `disk_snapshot_create` runs it when
+    LIVE_DISK_SNAPSHOTS lists kvm-eqliscsi; release-7.4.0): as snap_create, with the guest's
+    filesystems frozen around the group snapshot and thawed on every path (host/freeze.py).
+    Ceph's snap_create_live (src/tm_mad/ceph/snap_create_live, release-7.4.0) reads the VM
+    (DEPLOY_ID, VM_MAD), runs `virsh domfsfreeze` and, when that fails, snapshots anyway
+    (crash-consistent). Here too, unless the VM asks for the guest agent (FEATURES/GUEST_AGENT=yes,
+    which gives the domain its qemu-ga channel): then a failed freeze means something is wrong in
+    the guest, and no snapshot is taken. Only KVM VMs (Ceph freezes LXC with lxc-freeze)."""
+    from oneiscsi.host import freeze
+    from oneiscsi.san import client
+    host, t, snap = _snap_target(call)
+    host = _host(host, "host")
+    vmm = t.vm.history[-1]["VM_MAD"] if t.vm.history else ""
+    if vmm not in ("", "kvm", "qemu"):
+        raise NotSupported("snap_create_live: live snapshots of eqliscsi disks are for KVM VMs (VM_MAD %s): "
+                           "power the VM off and use snap_create" % validate.show(vmm))
+    deploy_id = t.vm["DEPLOY_ID"]
+    agent = t.vm["TEMPLATE/FEATURES/GUEST_AGENT"].lower() in ("yes", "true", "1")
+    with locked([t]):
+        with client.session(t.group) as s:
+            resolve(s, t)
+            if _snapshot_names(s, t, snap) is None:
+                return
+        with contextlib.ExitStack() as quiesced:
+            try:
+                quiesced.enter_context(freeze.frozen(host, deploy_id, "AGENT"))
+            except Invalid:
+                raise
+            except Failure as e:
+                if agent:
+                    raise Failure("no snapshot of disk %s of VM %d taken: the VM has FEATURES/GUEST_AGENT=yes and %s"
+                                  % (t.did, t.vmid, e)) from None
+                log.warn("the guest of VM %d is not frozen (%s): the snapshot is crash-consistent, as Ceph's "
+                         "snap_create_live takes it" % (t.vmid, e))
+            with client.session(t.group) as s:   # a CLI slot only for the snapshot itself
+                before = _snapshot_names(s, t, snap)
+                if before is not None:
+                    _create_snapshot(s, t, snap, before)
+    log.info("snapshot %s of %s created (live)" % (snap, t.volume))
 
 
 def tm_snap_delete(call):
@@ -893,12 +951,12 @@ TM = {
     "delete": tm_delete,
     "resize": tm_resize,
     "snap_create": tm_snap_create,
+    "snap_create_live": tm_snap_create_live,
     "snap_delete": tm_snap_delete,
     "snap_revert": tm_snap_revert,
     "premigrate": _migrate("premigrate"),
     "postmigrate": _migrate("postmigrate"),
     "failmigrate": _migrate("failmigrate"),
-    "snap_create_live": _not_supported("take disk snapshots with the VM powered off"),
     "context": _not_supported(SYSTEM_DS),
     "mkimage": _not_supported(SYSTEM_DS),
     "mkswap": _not_supported(SYSTEM_DS),

@@ -84,14 +84,27 @@ def info_argv(w: Writer, lun, secret_path) -> list:
     return [QEMU_IMG, "info", "--output=json"] + w.secret_args(secret_path) + ["--image-opts", w.opts(lun)]
 
 
+class _SecretFile:
+    """The CHAP password in a 0600 temp file for qemu-img's --object secret (path '' without CHAP)."""
+
+    def __init__(self, w: Writer):
+        self.w, self.path = w, ""
+
+    def __enter__(self) -> str:
+        if self.w.user:
+            fd, self.path = tempfile.mkstemp(prefix="oneiscsi-sec-")
+            with os.fdopen(fd, "w") as f:
+                f.write(self.w.password)
+        return self.path
+
+    def __exit__(self, *exc):
+        if self.path:
+            _unlink(self.path)
+
+
 def write_local(w: Writer, src: Source, zero_target=False) -> None:
     """qemu-img on the frontend: find the LUN, convert with progress as INFO lines."""
-    secret_path = ""
-    try:
-        if w.user:
-            fd, secret_path = tempfile.mkstemp(prefix="oneiscsi-sec-")
-            with os.fdopen(fd, "w") as f:
-                f.write(w.password)
+    with _SecretFile(w) as secret_path:
         lun = _find_lun(w, src.size, secret_path)
         log.info("writing %d MB (%s) to %s LUN %s" % (math.ceil(src.size / MiB), src.fmt, w.iqn, lun))
         started = time.monotonic()
@@ -99,9 +112,6 @@ def write_local(w: Writer, src: Source, zero_target=False) -> None:
                                "%s on %s" % (w.iqn, w.portal))
         took = max(time.monotonic() - started, 1e-6)
         log.info("wrote %d MB in %.2f s (%.0f MiB/s)" % (math.ceil(src.size / MiB), took, src.size / MiB / took))
-    finally:
-        if secret_path:
-            _unlink(secret_path)
 
 
 def _find_lun(w: Writer, need: int, secret_path) -> int:
@@ -263,10 +273,11 @@ def _send_file(h: str, path: str):
     return out
 
 
-def bridge_script(w: Writer, remote: str, fmt: str, size: int, zero_target=False) -> str:
+def _bridge_lun(w: Writer, size: int):
+    """Script lines that put the CHAP secret in "$sec" (when set) and the first LUN holding `size`
+    bytes in "$lun", and the (secret args, opts(lun expression)) the qemu-img line needs."""
     from oneiscsi.host import heredoc_value, q
-    lines = ["umask 077", "img=%s" % q(remote), "sec=''",
-             "trap 'rm -f \"$img\" ${sec:+\"$sec\"}' EXIT"]
+    lines = []
     if w.user:
         lines += ["sec=$(mktemp)", heredoc_value("pw", w.password).rstrip("\n"), "printf '%s' \"$pw\" > \"$sec\""]
     sec_args = " ".join(q(a) for a in w.secret_args("SECRET")).replace(q("secret,id=sec0,file=SECRET"),
@@ -283,10 +294,108 @@ def bridge_script(w: Writer, remote: str, fmt: str, size: int, zero_target=False
         "  if [ -n \"$s\" ] && [ \"$s\" -ge %d ]; then lun=$l; break; fi" % size,
         "done",
         "[ -n \"$lun\" ] || { echo 'no LUN of %s can hold the image' >&2; exit 3; }" % w.iqn,
+    ]
+    return lines, sec_args, opts
+
+
+def bridge_script(w: Writer, remote: str, fmt: str, size: int, zero_target=False) -> str:
+    from oneiscsi.host import q
+    lines = ["umask 077", "img=%s" % q(remote), "sec=''",
+             "trap 'rm -f \"$img\" ${sec:+\"$sec\"}' EXIT"]
+    lun_lines, sec_args, opts = _bridge_lun(w, size)
+    lines += lun_lines + [
         "%s convert %s %s \"$img\" --target-image-opts %s"
         % (q(QEMU_IMG), " ".join(q(f) for f in convert_flags(w, fmt, zero_target)), sec_args, opts("\"$lun\"")),
     ]
     return "\n".join(lines) + "\n"
+
+
+# ---- reading a volume through libiscsi (DS export) -----------------------------------------------
+EXPORT_PREFIX = "oneiscsi-export-"
+SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+-]+$")   # a path that survives word splitting (DISPOSE_CMD)
+
+
+def read_argv(w: Writer, lun, secret_path, dst: str, fmt: str) -> list:
+    """qemu-img convert of the whole LUN (the iscsi protocol driver: raw data) into a `fmt` file."""
+    return ([QEMU_IMG, "convert", "-p", "-m", "16"] + (["-r", str(w.rate)] if w.rate else [])
+            + ["-O", fmt] + w.secret_args(secret_path) + ["--image-opts", w.opts(lun), dst])
+
+
+def _md5(path: str) -> str:
+    import hashlib
+    d = hashlib.md5()
+    with open(path, "rb") as f:
+        for data in iter(lambda: f.read(4 * MiB), b""):
+            d.update(data)
+    return d.hexdigest()
+
+
+def read_local(w: Writer, size: int, fmt: str, staging_dir: str):
+    """The volume into a new 0600 `fmt` file in staging_dir -> (path, md5). Nothing stays on failure."""
+    try:
+        fd, path = tempfile.mkstemp(prefix=EXPORT_PREFIX, suffix="." + fmt, dir=staging_dir)
+    except OSError as e:
+        raise Failure("cannot create a file in EQL_STAGING_DIR %s: %s" % (staging_dir, e.strerror)) from None
+    os.close(fd)
+    try:
+        if not SAFE_PATH.match(path):
+            raise Failure("EQL_STAGING_DIR %s is refused for an export: the marketplace runs DISPOSE_CMD word by "
+                          "word, so the path may hold only letters, digits and ._/+-" % validate.show(staging_dir))
+        with _SecretFile(w) as secret_path:
+            lun = _find_lun(w, size, secret_path)
+            log.info("reading %d MB of %s LUN %s into %s" % (math.ceil(size / MiB), w.iqn, lun, path))
+            _convert_with_progress(read_argv(w, lun, secret_path, path, fmt), w.stall, "%s on %s" % (w.iqn, w.portal))
+        return path, _md5(path)
+    except BaseException:
+        _unlink(path)
+        raise
+
+
+def read_bridge(hosts: list, w: Writer, size: int, fmt: str):
+    """The same on the first reachable BRIDGE_LIST host -> (host, path, md5); nothing stays on failure."""
+    from oneiscsi import host as hostrun
+    tried = []
+    for h in hosts:
+        res = hostrun.run(h, export_script(w, size, fmt), timeout=86400, what="volume read")
+        if hostrun.unreachable(res):
+            log.warn("bridge host %s is not reachable: %s" % (h, last_line(res.stderr)))
+            tried.append(h)
+            continue
+        m = re.search(r"^EXPORTED (/var/tmp/%s[A-Za-z0-9]+\.%s) ([0-9a-f]{32})$" % (EXPORT_PREFIX, fmt),
+                      res.stdout, re.M)
+        if res.returncode != 0 or not m:
+            raise Failure("reading the volume on bridge host %s failed: %s"
+                          % (h, log.mask(last_line(res.stderr)) or "exit code %d" % res.returncode))
+        log.info("read %d MB of %s into %s:%s" % (math.ceil(size / MiB), w.iqn, h, m.group(1)))
+        return h, m.group(1), m.group(2)
+    raise Failure("no BRIDGE_LIST host is reachable over ssh (tried %s)" % ", ".join(tried))
+
+
+def export_script(w: Writer, size: int, fmt: str) -> str:
+    from oneiscsi.host import q
+    lines = ["umask 077", "sec=''", "ok=''",
+             "out=$(mktemp --suffix=.%s /var/tmp/%sXXXXXXXX) || exit 3" % (fmt, EXPORT_PREFIX),
+             "trap 'rm -f ${sec:+\"$sec\"}; [ -n \"$ok\" ] || rm -f \"$out\"' EXIT"]
+    lun_lines, sec_args, opts = _bridge_lun(w, size)
+    lines += lun_lines + [
+        "%s convert -m 16%s -O %s %s --image-opts %s \"$out\" || exit 3"
+        % (q(QEMU_IMG), " -r %d" % w.rate if w.rate else "", q(fmt), sec_args, opts("\"$lun\"")),
+        "sum=$(md5sum \"$out\" | cut -d' ' -f1) || exit 3",
+        "ok=1",
+        "echo \"EXPORTED $out $sum\"",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def read(cfg, datastore, iqn: str, size: int, fmt: str = "qcow2"):
+    """Read a whole volume into a `fmt` file on the frontend (EQL_STAGING_DIR) or the first
+    reachable BRIDGE_LIST host -> (host or '', path, md5)."""
+    w = Writer(cfg, iqn, _rate(datastore))
+    bridges = _bridges(datastore)
+    if bridges:
+        return read_bridge(bridges, w, size, fmt)
+    path, md5 = read_local(w, size, fmt, cfg.staging_dir)
+    return "", path, md5
 
 
 def check_write_settings(cfg, datastore) -> None:
