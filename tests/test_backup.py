@@ -9,8 +9,9 @@ shared/reference/opennebula-backups.md):
   given with qemu-img (qcow2/prebackup, release-7.4.0); postbackup removes the folder; every
   call is logged with its arguments;
 - the backup datastore (`datastore/rsync/ls`) answers `{disk id: url}` for an increment, and
-  `datastore/downloader.sh --nodecomp URL -` streams the file kept in a local folder that
-  stands in for the backup server, merging a chain with qemu-img like rsync_downloader.rb.
+  `datastore/downloader.sh` is oneiscsi/sim/downloader.sh (its header says what it follows),
+  reading a local folder that stands in for the backup server;
+- `virsh` on the hosts is oneiscsi/sim/virsh_standin/virsh (freeze/thaw/suspend/resume only).
 """
 from __future__ import annotations
 
@@ -51,33 +52,40 @@ LS = r"""#!/bin/sh
 cat > /dev/null
 cat %(answer)s
 """
-DOWNLOADER = r"""#!/bin/sh
-# stand-in for OpenNebula's downloader.sh --nodecomp rsync://<ds>/<bj>/<chain>/<path> -
-# chain "0:a,1:b": the increments of the chain up to this one, rebased and flattened with
-# qemu-img as rsync_downloader.rb / backup.rb reconstruct_chain + merge_chain do
-[ "$1" = --nodecomp ] || exit 9
-url=$2; rest=${url#rsync://*/*/}; chain=${rest%%%%/*}; path=/${rest#*/}
-dir=$(dirname "$path"); base=$(basename "$path"); stem=${base%%.*}; did=$(echo "$base" | cut -d. -f2)
-n=$(echo "$chain" | tr ',' '\n' | wc -l)
-[ "$n" -eq 1 ] && exec cat "$path"
-t=$(mktemp -d); prev=''
-for inc in $(echo "$chain" | tr ',' ' '); do
-  i=${inc%%:*}; f="$t/disk.$did.$i"; cp "%(store)s/disk.$did.$i" "$f"
-  [ -n "$prev" ] && qemu-img rebase -u -F qcow2 -b "$prev" "$f"
-  prev=$f
-done
-qemu-img convert -O qcow2 "$prev" "$t/out" && cat "$t/out"; rc=$?
-rm -rf "$t"; exit $rc
-"""
 
 
 @pytest.fixture(scope="module")
 def bw(tmp_path_factory, eql_host_key):
-    w = World(tmp_path_factory.mktemp("bk"), host_key=eql_host_key, conf={"EQL_MULTIHOST": "disable"})
+    from oneiscsi.sim.hosts import Lab
+    work = tmp_path_factory.mktemp("bk")
+    lab = Lab(os.path.join(str(work), "lab"), hosts=("host1", "host2"), san=True, virsh_standin=True)
+    lab.start()
     try:
-        yield w
+        w = World(work, lab=lab, host_key=eql_host_key, conf={"EQL_MULTIHOST": "disable"})
+        try:
+            yield w
+        finally:
+            w.stop()
     finally:
-        w.stop()
+        lab.stop()
+
+
+def virsh_calls(w, host="host1"):
+    """[(time, verb, domain)] the virsh stand-in recorded on the host."""
+    d = w.lab.hosts[host].virsh_dir
+    try:
+        with open(os.path.join(d, "calls.log")) as f:
+            return [(float(a), b, c) for a, b, c in (ln.split() for ln in f if ln.strip())]
+    except FileNotFoundError:
+        return []
+
+
+def virsh_reset(w, host="host1"):
+    d = w.lab.hosts[host].virsh_dir
+    os.makedirs(d, exist_ok=True)
+    os.chmod(d, 0o777)                      # the stand-in runs as oneadmin
+    for name in os.listdir(d):
+        os.unlink(os.path.join(d, name))
 
 
 def make_tree(root: pathlib.Path, version: str, log: pathlib.Path, base_path="") -> pathlib.Path:
@@ -316,7 +324,7 @@ def test_iscsi_powered_off_backup_and_restore_through_libiscsi(bw, tmp_path):
     env.call("prebackup", vmid, [1])
     bdir = "/var/lib/one/datastores/0/%d/backup" % vmid
     assert img_bytes(w, "host1", bdir + "/disk.1.0") == data
-    _restore(w, env, vmid, {"1": bdir + "/disk.1.0", "9": bdir + "/disk.1.0"})
+    _restore(w, env, vmid, {"1": [bdir + "/disk.1.0"], "9": [bdir + "/disk.1.0"]})
     with open(v.backing, "r+b") as f:
         f.write(b"\xff" * len(data))
     res = oneutil.run(env.r / "tm" / "shared" / "restore",
@@ -328,22 +336,28 @@ def test_iscsi_powered_off_backup_and_restore_through_libiscsi(bw, tmp_path):
     env.cloud.done(vmid)
 
 
-def _restore(w, env, vmid, files):
-    """The backup image 77 in backup datastore 100 (rsync) whose ls answers files (kept in a
-    local folder standing in for the backup server) and the downloader stand-in."""
-    store = env.tmp / "store"
-    store.mkdir(exist_ok=True)
+def _restore(w, env, vmid, files, chain="0:abc"):
+    """The backup image 77 in backup datastore 100 (rsync) whose ls answers `files` {disk id:
+    [paths on host1 of the chain's files]}, kept as the backup server would
+    (<base>/<vmid>/<snap>/disk.<id>.<inc>) in a local folder, and the downloader stand-in."""
+    import shutil
+    root = env.tmp / "bkserver"
+    env.w.env["ONEISCSI_SIM_BACKUP_ROOT"] = str(root)
     answer = {}
-    for did, path in files.items():
-        local_copy = store / os.path.basename(path)
-        local_copy.write_bytes(w.hosts["host1"].run(["cat", path], input=b"").stdout)
-        answer[did] = "rsync://%d/0/0:abc/%s" % (BKDS, str(local_copy).lstrip("/"))
+    for did, paths in files.items():
+        for (inc, snap), path in zip((x.split(":") for x in chain.split(",")), paths):
+            d = root / "bk" / str(vmid) / snap
+            d.mkdir(parents=True, exist_ok=True)
+            name = "disk.%s.%s" % (did, inc)
+            (d / name).write_bytes(w.hosts["host1"].run(["cat", path], input=b"").stdout)
+        # upstream's shape: rsync://<ds>/<bj>/<inc:snap,...>/<path without its leading '/'> (rsync/ls)
+        answer[did] = "rsync://%d/0/%s/bk/%d/%s/%s" % (BKDS, chain, vmid, snap, name)
     (env.tmp / "ls.json").write_text(json.dumps(answer))
-    for rel, text in (("datastore/rsync/ls", LS % {"answer": env.tmp / "ls.json"}),
-                      ("datastore/downloader.sh", DOWNLOADER % {"store": store})):
-        p = env.r / rel
-        p.write_text(text)
-        p.chmod(0o755)
+    p = env.r / "datastore" / "rsync" / "ls"
+    p.write_text(LS % {"answer": env.tmp / "ls.json"})
+    p.chmod(0o755)
+    shutil.copy(os.path.join(os.path.dirname(onexml.__file__), "downloader.sh"), env.r / "datastore" / "downloader.sh")
+    (env.r / "datastore" / "downloader.sh").chmod(0o755)
     w.oned.images[77] = onexml.image_xml(iid=77, name="backup", path="", source="abc", ds_id=BKDS, ds_name="bk")
     w.oned.datastores[BKDS] = onexml.datastore_xml(ds_id=BKDS, name="bk", ds_mad="rsync", tm_mad="-", ds_type=2)
 
@@ -359,7 +373,7 @@ def test_restore_in_place_writes_the_volume_and_keeps_the_device_link(bw, tmp_pa
     env.cloud.backup(vmid, live=False)
     env.call("prebackup", vmid, [0])
     bdir = "/var/lib/one/datastores/0/%d/backup" % vmid
-    _restore(w, env, vmid, {"0": bdir + "/disk.0.0"})
+    _restore(w, env, vmid, {"0": [bdir + "/disk.0.0"]})
     env.call("postbackup", vmid, [0])
     link = w.link("host1", local(vmid, 0))
     w.write("host1", local(vmid, 0), b"\x11" * (2 * MiB))
@@ -449,4 +463,74 @@ def test_every_backup_call_shape_lands_where_that_version_reads(bw, tmp_path, ve
     want += (["-"] if bjid else []) + [str(other), "0"]
     assert env.orig_calls() == [want], res
     env.cloud.done(other)
+    w.terminate(vmid, "host1")
+
+
+def test_live_backup_freezes_the_guest_once_around_every_snapshot(bw, tmp_path):
+    """FS_FREEZE=AGENT: one domfsfreeze before the first group snapshot, one domfsthaw after the
+    last (snapshot creation times from the simulator); the thaw also runs when the group fails
+    a snapshot, and then no snapshot and no backup file is left."""
+    w, env = bw, Env(bw, tmp_path, "7.4")
+    a, b = _image(w, env), _image(w, env)
+    vmid = next(_ids)
+    _vm(w, env, [(0, a), (1, b)], vmid)
+    virsh_reset(w)
+    env.cloud.backup(vmid, live=True, mode="INCREMENT", fs_freeze="AGENT")
+    created = {}
+    real = w.sim.group.create_snapshot
+
+    def spy(vol, description=""):
+        snap = real(vol, description)
+        created[vol] = snap.created
+        return snap
+    w.sim.group.create_snapshot = spy
+    try:
+        env.call("prebackup_live", vmid, [0, 1])
+    finally:
+        w.sim.group.create_snapshot = real
+    calls = virsh_calls(w)
+    assert [(v, d) for _, v, d in calls] == [("domfsfreeze", "one-%d" % vmid), ("domfsthaw", "one-%d" % vmid)]
+    assert calls[0][0] < min(created.values()) and max(created.values()) < calls[1][0], (calls, created)
+    env.call("postbackup_live", vmid, [0, 1])
+    # the group refuses a snapshot: thawed, nothing new left, the references of the chain stay
+    virsh_reset(w)
+    env.cloud.backup(vmid, live=True, mode="INCREMENT", last_increment=0, fs_freeze="AGENT")
+    w.sim.faults.fail_next(r"create-now", "% Error - Not enough free space in the snapshot reserve.")
+    res = env.call("prebackup_live", vmid, [0, 1], ok=False)
+    assert res.rc != 0 and "snapshot reserve" in res.err, res
+    assert [v for _, v, _ in virsh_calls(w)] == ["domfsfreeze", "domfsthaw"]
+    assert backup_snaps(w, a.volume) == ["oneiscsi-bk-v%d-d0-0" % vmid]      # the chain's reference stays
+    assert backup_snaps(w, b.volume) == ["oneiscsi-bk-v%d-d1-0" % vmid]
+    env.call("postbackup_live", vmid, [0, 1])
+    w.sim.faults.clear()
+    w.terminate(vmid, "host1")
+
+
+def test_restore_of_an_increment_writes_the_merged_chain(bw, tmp_path):
+    """`onevm restore` of increment 1: the downloader merges full + increment; the volume gets
+    the data as it was at backup 1, not at backup 0 nor now."""
+    w, env = bw, Env(bw, tmp_path, "7.4")
+    a = _image(w, env)
+    vmid = next(_ids)
+    _vm(w, env, [(0, a)], vmid)
+    bdir = "/var/lib/one/datastores/0/%d/backup" % vmid
+    keep = "/var/lib/one/datastores/keep-%d" % vmid
+    w.hosts["host1"].run(["mkdir", "-p", keep], user="oneadmin")
+    for last in (-1, 0):
+        env.cloud.backup(vmid, live=True, mode="INCREMENT", last_increment=last)
+        env.call("prebackup_live", vmid, [0])
+        w.hosts["host1"].run(["cp", "%s/disk.0.%d" % (bdir, last + 1), keep], user="oneadmin")
+        env.call("postbackup_live", vmid, [0])
+        if last == -1:
+            w.write("host1", local(vmid, 0), b"\x42" * 65536, offset=65536)
+    at_backup_1 = w.read("host1", local(vmid, 0), 2 * MiB)
+    assert at_backup_1 != a.data
+    w.write("host1", local(vmid, 0), b"\x99" * (2 * MiB))
+    _restore(w, env, vmid, {"0": [keep + "/disk.0.0", keep + "/disk.0.1"]}, chain="0:s0,1:s1")
+    env.cloud.state(vmid, 0, state=8)
+    res = oneutil.run(env.r / "tm" / "shared" / "restore", ["host1:/var/lib/one/datastores/0/%d" % vmid, vmid, 77, 1,
+                                                            -1], env=w.env, timeout=300)
+    assert res.rc == 0, res
+    assert w.read("host1", local(vmid, 0), 2 * MiB) == at_backup_1
+    w.hosts["host1"].run(["rm", "-rf", keep])
     w.terminate(vmid, "host1")

@@ -71,7 +71,12 @@ def frozen(host: str, deploy_id: str, mode: str, limit: int = LIMIT):
         yield
         return
     verb_on, verb_off = _VERBS[mode]
-    res = hostrun.run(host, freeze_script(deploy_id, mode, limit), timeout=limit, what="virsh " + verb_on)
+    try:
+        res = hostrun.run(host, freeze_script(deploy_id, mode, limit), timeout=limit, what="virsh " + verb_on)
+    except Failure:
+        # a freeze that hangs (a guest agent that stopped answering) may still freeze later: thaw
+        hostrun.run(host, thaw_script(deploy_id, mode), timeout=60, what="virsh " + verb_off)
+        raise
     if res.returncode != 0:
         if verb_on == "domfsfreeze":  # a failed freeze may have frozen some filesystems: thaw
             hostrun.run(host, thaw_script(deploy_id, mode), timeout=60, what="virsh " + verb_off)
