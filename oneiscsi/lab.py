@@ -34,7 +34,7 @@ def step(n, title):
 
 
 class Demo:
-    def __init__(self, workdir: str, version: str = "6.8"):
+    def __init__(self, workdir: str, version: str = "7.4"):
         self.work = workdir
         self.version = version
         self.chap_pass = "lab-" + os.urandom(6).hex()
@@ -48,8 +48,10 @@ class Demo:
         from oneiscsi.sim.tgt import Tgtd
         say("starting the lab in %s" % self.work)
         # the hosts share the system datastore's folder, as with OpenNebula's `shared` TM over NFS
+        # virsh_standin: a guest agent cannot run here; the stand-in answers domfsfreeze/domfsthaw
+        # (logging them) and hands every other verb to the real virsh (CHAP secrets)
         self.lab = Lab(os.path.join(self.work, "lab"), hosts=("host1", "host2"), san=True, libvirtd=True,
-                       shared_datastores=True)
+                       shared_datastores=True, virsh_standin=True)
         self.parts.append(self.lab)
         self.lab.start()
         self.tgtd = Tgtd(os.path.join(self.work, "tgt"), portal="%s:3260" % self.lab.san.addr,
@@ -76,6 +78,7 @@ class Demo:
         os.makedirs(self.remotes)
         with open(os.path.join(self.remotes, "VERSION"), "w") as f:
             f.write(self.version + ".0\n")
+        self.system_tm_standins()
         install.install(self.remotes, ["iscsi", "iscsi_libvirt", "eqliscsi"], python=sys.executable)
         # this process and every driver it runs talk to the lab's oned and hosts
         os.environ.update(ONE_XMLRPC=self.oned.url, ONE_AUTH=auth,
@@ -95,6 +98,19 @@ class Demo:
                 say("teardown: %s: %s" % (type(part).__name__, e))
         say("\nlab stopped and removed")
         return False
+
+    def system_tm_standins(self):
+        """The shared system TM's backup scripts, which install wraps (6.6+). Stand-ins: OpenNebula's
+        own (tm/qcow2/*, Ruby) cannot run here; the lab's VMs have only oneiscsi disks, and oneiscsi
+        passes the original only other drivers' disks, so these must never run: they fail loudly."""
+        d = os.path.join(self.remotes, "tm", "shared")
+        os.makedirs(d, exist_ok=True)
+        for action in ("prebackup", "prebackup_live", "postbackup", "postbackup_live", "restore"):
+            path = os.path.join(d, action)
+            with open(path, "w") as f:
+                f.write("#!/bin/sh\n# lab stand-in for OpenNebula's tm/shared/%s\n"
+                        "echo \"the lab's stand-in for tm/shared/%s was called: $*\" >&2\nexit 1\n" % (action, action))
+            os.chmod(path, 0o755)
 
     # ---- helpers ----------------------------------------------------------------
     def action(self, kind, driver, action, args, stdin="", expect_rc=0, note=""):
@@ -299,6 +315,9 @@ class Demo:
         self.san()
         self.host_io("host2", link)
 
+        if v >= (6, 6):
+            self.data_protection(link, v)
+
         step(11, "terminate VM 43 (MVDS of the persistent disk: host2 logs out, the volume stays)")
         self.cloud.state(43, 11, "host1", "host2")
         self.action("tm", "eqliscsi", "mvds", ["host2:" + link, source, 43, 102])
@@ -325,13 +344,111 @@ class Demo:
         self.san()
 
 
+    # ---- backups, restores, live snapshots (6.6+) ---------------------------------------
+    def digest(self, host, link) -> str:
+        res = self.lab.hosts[host].run(["sh", "-c", "sha256sum < %s | cut -c1-16" % shlex.quote(link)],
+                                       user="oneadmin", check=False)
+        if res.returncode != 0:
+            raise SystemExit("lab: cannot read %s on %s: %s" % (link, host, res.stderr.strip()[-300:]))
+        return res.stdout.strip()
+
+    def virsh_log(self, host):
+        path = os.path.join(self.lab.hosts[host].virsh_dir, "calls.log")
+        try:
+            with open(path) as f:
+                calls = [ln.split()[1:] for ln in f if ln.strip()]
+        except FileNotFoundError:
+            calls = []
+        say("   virsh on %s (stand-in log): %s" % (host, ", ".join(" ".join(c) for c in calls) or "nothing"))
+        if os.path.exists(path):
+            os.unlink(path)
+
+    def data_protection(self, link, v):
+        """VM 43 runs on host2: a live disk snapshot (7.x), two backups (full, then an increment),
+        then `onevm restore` (6.10+) of the first one, checked byte for byte."""
+        import shutil
+        vmdir = os.path.dirname(link)
+        self.cloud.state(43, 3, "host1", "host2")
+        shape = dict(self.cloud.shape[43])
+        shape.update(features={"GUEST_AGENT": "yes"})
+        self.cloud.vm(43, **shape)
+        if v >= (7, 0):
+            step("10a", "live disk snapshot of running VM 43 (SNAP_CREATE_LIVE: the guest frozen around the group "
+                        "snapshot, thawed on every path)")
+            self.action("tm", "eqliscsi", "snap_create_live", ["host2:" + link, 0, 43, 102])
+            self.virsh_log("host2")
+            snaps = sorted(self.sim.group.volumes[self.cloud.images[7].volume].snapshots)
+            say("   SAN: snapshots of %s: %s" % (self.cloud.images[7].volume, ", ".join(snaps)))
+        step("10b", "back up running VM 43 (onevm backup, FS_FREEZE=AGENT, MODE=INCREMENT): oned runs the *system* "
+                    "TM's prebackup_live; install put oneiscsi over it")
+        server = os.path.join(self.work, "backup-server")   # stands in for the rsync backup datastore's host
+        before = self.digest("host2", link)
+        args = ["host2:" + vmdir, "0", "one-43"] + (["-"] if v >= (6, 8) else []) + [43, 0]
+        bdir = os.path.join(vmdir, "backup")
+        for n in (0, 1):
+            vm = self.cloud.backup(43, live=True, mode="INCREMENT", last_increment=n - 1, fs_freeze="AGENT")
+            self.action("tm", "shared", "prebackup_live", args, stdin=vm, note="VM XML")
+            self.virsh_log("host2")
+            res = self.lab.hosts["host2"].run(["sh", "-c", "cd %s && ls -l disk.* | awk '{print $9, $5, \"bytes\"}'"
+                                              % shlex.quote(bdir)], user="oneadmin")
+            say("   backup folder on host2: %s" % "; ".join(res.stdout.split("\n")).strip("; "))
+            keep = os.path.join(server, "bk", "43", "s%d" % n)   # what the backup datastore's `backup` copies
+            os.makedirs(keep, exist_ok=True)
+            data = self.lab.hosts["host2"].run(["cat", os.path.join(bdir, "disk.0.%d" % n)], user="oneadmin",
+                                              input=b"").stdout
+            with open(os.path.join(keep, "disk.0.%d" % n), "wb") as f:
+                f.write(data)
+            self.action("tm", "shared", "postbackup_live", args, stdin=vm, note="VM XML")
+            snaps = sorted(x for x in self.sim.group.volumes[self.cloud.images[7].volume].snapshots
+                           if x.startswith("oneiscsi-bk"))
+            say("   SAN: backup reference snapshot(s) kept for the next increment: %s" % ", ".join(snaps))
+            if n == 0:
+                self.host_io("host2", link, data="written on host2 after backup 0")
+        if v < (6, 10):
+            say("   (in-place restore needs OpenNebula 6.10+: skipped for %s)" % self.version)
+            return
+        step("10c", "onevm restore of backup 0 into powered-off VM 43 (the system TM's restore; the disk keeps "
+                    "its device link, the data goes onto the volume)")
+        self.host_io("host2", link, data="garbage written before the restore")
+        self.cloud.state(43, 0, "host1", "host2", state=8)       # POWEROFF: the disks stay attached
+        answer = os.path.join(self.work, "ls.json")
+        with open(answer, "w") as f:
+            f.write('{"0": "rsync://100/0/0:s0/bk/43/s0/disk.0.0"}')
+        for rel, text in (("datastore/rsync/ls", "#!/bin/sh\n# lab stand-in for the rsync backup datastore's ls: "
+                                                 "{disk id: url} of the increment asked for\ncat > /dev/null\n"
+                                                 "cat %s\n" % shlex.quote(answer)),):
+            path = os.path.join(self.remotes, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
+            os.chmod(path, 0o755)
+        shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sim", "downloader.sh"),
+                    os.path.join(self.remotes, "datastore", "downloader.sh"))
+        os.chmod(os.path.join(self.remotes, "datastore", "downloader.sh"), 0o755)
+        from oneiscsi.sim import onexml
+        self.oned.images[77] = onexml.image_xml(iid=77, name="backup of VM 43", path="", source="s0", ds_id=100,
+                                                ds_name="backups", version=v)
+        self.oned.datastores[100] = onexml.datastore_xml(ds_id=100, name="backups", ds_mad="rsync", tm_mad="-",
+                                                         ds_type=2, version=v)
+        self.env["ONEISCSI_SIM_BACKUP_ROOT"] = server
+        self.action("tm", "shared", "restore", ["host2:" + vmdir, 43, 77, 0, -1])
+        self.host_io("host2", link)
+        after = self.digest("host2", link)
+        say("   the whole disk: sha256 %s at backup 0, %s after the restore: %s"
+            % (before, after, "identical" if before == after else "DIFFERENT"))
+        if before != after:
+            raise SystemExit("lab: the restored disk differs from backup 0")
+        self.cloud.state(43, 3, "host1", "host2")
+
+
 def main(argv) -> int:
     if argv[:1] == ["sim"]:
         from oneiscsi.sim import eql
         return int(eql.main(argv[1:]) or 0)
     ap = argparse.ArgumentParser(prog="oneiscsi.pyz lab", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--one-version", default="6.8", help="OpenNebula version to play, 5.0 to 7.x (default 6.8)")
+    ap.add_argument("--one-version", default="7.4", help="OpenNebula version to play, 5.0 to 7.x (default 7.4; "
+                    "backups need 6.6+, in-place restores 6.10+, live disk snapshots 7.x)")
     ap.add_argument("--workdir", help="keep files here (default: a temporary directory)")
     a = ap.parse_args(argv)
     import re

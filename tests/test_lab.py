@@ -68,6 +68,13 @@ def test_lab_demo_runs_both_lifecycles_and_cleans_up(pyz):
                  "tm/eqliscsi/postmigrate", "tm/eqliscsi/mvds", "tm/eqliscsi/clone", "datastore/eqliscsi/rm 7"):
         assert step in out
     assert "on host2 through /var/lib/one/datastores/0/43/disk.0: read 'written on host1 by VM 43'" in out
+    # 7.4 by default: a live disk snapshot, a full backup and an increment of the running VM, and
+    # `onevm restore` of the full one, the whole disk compared by its sha256
+    for step in ("tm/eqliscsi/snap_create_live host2:", "tm/shared/prebackup_live host2:",
+                 "backup/disk.0.0", "backup/disk.0.1", "tm/shared/restore host2:"):
+        assert step in out, step
+    assert "stand-in log): domfsfreeze one-43, domfsthaw one-43" in out
+    assert re.search(r"sha256 (\w+) at backup 0, \1 after the restore: identical", out)
     assert out.rstrip().endswith("lab: all steps done")
     assert "SAN: volumes: none; iSCSI sessions: none" in out  # nothing leaked
     m = re.search(r"hosts: host1=10\.213\.(\d+)\.", out)
