@@ -534,3 +534,33 @@ def test_restore_of_an_increment_writes_the_merged_chain(bw, tmp_path):
     assert w.read("host1", local(vmid, 0), 2 * MiB) == at_backup_1
     w.hosts["host1"].run(["rm", "-rf", keep])
     w.terminate(vmid, "host1")
+
+
+def test_reconcile_removes_backup_references_of_vms_that_ended(bw, tmp_path):
+    """A VM whose epilog could not reach the group keeps its backup reference snapshot on the
+    image's volume: reconcile (any frontend, from oned and the group) lists it, --fix removes it
+    once oned confirms the VM has ended; a running VM's reference is never touched."""
+    w, env = bw, Env(bw, tmp_path, "7.4")
+    a, b = _image(w, env), _image(w, env)
+    gone, alive = next(_ids), next(_ids)
+    for vmid, img in ((gone, a), (alive, b)):
+        _vm(w, env, [(0, img)], vmid)
+        env.cloud.backup(vmid, live=True, mode="INCREMENT")
+        env.call("prebackup_live", vmid, [0])
+        env.call("postbackup_live", vmid, [0])
+    env.cloud.state(gone, 11)                          # terminate: its epilog cannot delete the snapshot
+    w.sim.faults.fail_next(r"snapshot delete", "Unable to contact the group member holding the snapshot.")
+    res = w.tm("mvds", "host1:" + local(gone, 0), a.volume, gone, 110)
+    assert "backup reference snapshots of VM %d stay" % gone in w.new_log(), res
+    env.cloud.done(gone)                               # oned forgets the VM
+    assert backup_snaps(w, a.volume) == ["oneiscsi-bk-v%d-d0-0" % gone]
+    run = [oneutil.PYTHON, str(oneutil.PYZ), "reconcile"]
+    rec = subprocess.run(run, capture_output=True, text=True, env=dict(os.environ, **w.env))
+    assert rec.returncode == 1 and "STRAY backup-snapshot volume=%s snapshot=oneiscsi-bk-v%d-d0-0" % (
+        a.volume, gone) in rec.stdout, rec
+    assert "v%d-" % alive not in rec.stdout
+    rec = subprocess.run(run + ["--fix"], capture_output=True, text=True, env=dict(os.environ, **w.env))
+    assert rec.returncode == 0 and "FIXED STRAY backup-snapshot" in rec.stdout, rec
+    assert backup_snaps(w, a.volume) == [] and backup_snaps(w, b.volume) == ["oneiscsi-bk-v%d-d0-0" % alive]
+    w.terminate(alive, "host1")
+    assert backup_snaps(w, b.volume) == []

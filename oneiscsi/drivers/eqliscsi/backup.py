@@ -33,6 +33,12 @@ def snap_name(vmid: int, did, bid: int) -> str:
     return "%s-v%d-d%d-%d" % (PREFIX, int(vmid), int(did), int(bid))
 
 
+def owner_of(name: str):
+    """The VM id of a backup reference snapshot's name, None for other snapshots."""
+    m = _NAME.match(name or "")
+    return int(m.group(1)) if m else None
+
+
 def backup_snapshots(s, t, vmid: int) -> dict:
     """{backup id: snapshot name} of this VM disk's backup snapshots on t.volume."""
     found = {}

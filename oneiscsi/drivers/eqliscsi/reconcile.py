@@ -15,8 +15,11 @@ any frontend of an HA zone gives the same answer:
 
 With --fix, each finding is fixed under the volume's lock after the VMs that may use it are read
 again from oned (the image's VMS, or the clone's VM); the host refuses to log out a disk that is
-still open there. Prints one line per finding (`STRAY session`, `STRAY access`), prefixed with
-`FIXED` when --fix cleaned it, then a summary. Exit 0 when nothing stray is left, 1 otherwise.
+still open there. Backup reference snapshots (`oneiscsi-bk-v<vm>-...`, drivers/eqliscsi/backup.py)
+of VMs oned no longer has (DONE, or gone) are findings too (`STRAY backup-snapshot`): a VM that
+ends removes its own, unless the group could not be reached then. Prints one line per finding
+(`STRAY session`, `STRAY access`, `STRAY backup-snapshot`), prefixed with `FIXED` when --fix
+cleaned it, then a summary. Exit 0 when nothing stray is left, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -152,6 +155,7 @@ def main(argv) -> int:
     try:
         _sessions(a.fix, hosts, need, groups, counts)
         _access(a.fix, hosts, need, groups, counts)
+        _backup_snapshots(a.fix, {int(vm.id) for vm in vms if vm.state != DONE}, groups, counts)
     finally:
         groups.close()
     print("%d finding(s), %d left" % tuple(counts))
@@ -234,6 +238,42 @@ def _access(fix, hosts, need, groups, counts) -> None:
                     counts[1] += not fixed
                     print("%sSTRAY access host=%s volume=%s record=%s"
                           % ("FIXED " if fixed else "", host, vol, " ".join(w)))
+
+
+DONE = 6  # VirtualMachine::DONE (include/VirtualMachine.h)
+
+
+def _gone(vmid: int) -> bool:
+    """The VM has ended, read again from oned (DONE, or unknown to oned)."""
+    try:
+        return _one().vm(vmid).state == DONE
+    except Failure:
+        return True
+
+
+def _backup_snapshots(fix, live_vms, groups, counts) -> None:
+    """Backup reference snapshots of VMs that ended: nothing will ever continue their chain."""
+    from oneiscsi.drivers.eqliscsi.backup import owner_of
+    for cfg, group, _ in groups.entries:
+        s = groups.session(group)
+        for row in s.volumes():
+            vol = row.get("name", "") if isinstance(row, dict) else str(row)
+            if not vol or not row.get("snapshots"):
+                continue
+            for snap in s.snapshots(vol):
+                vmid = owner_of(snap["name"])
+                if vmid is None or vmid in live_vms:
+                    continue
+                counts[0] += 1
+                fixed = False
+                if fix:
+                    with common.volume_lock(group, vol, cfg.lock_wait):
+                        if _gone(vmid):
+                            s.delete_snapshot(vol, snap["name"])
+                            fixed = True
+                counts[1] += not fixed
+                print("%sSTRAY backup-snapshot volume=%s snapshot=%s (VM %d has ended)"
+                      % ("FIXED " if fixed else "", vol, snap["name"], vmid))
 
 
 def _host_words(cfg, mode, host):
