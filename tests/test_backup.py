@@ -198,6 +198,32 @@ def test_live_backup_7x_reads_group_snapshots_and_never_touches_the_running_disk
     w.terminate(vmid, "host1")
 
 
+def test_tpm_state_is_saved_and_restored_with_disk_0(bw, tmp_path):
+    """A VM with a TPM and only oneiscsi disks: its tpm/ folder goes into disk.tpm.0 as upstream's
+    save_tpm_sh makes it, and `onevm restore` with disk 0 puts it back (restore_tpm_sh)."""
+    w, env = bw, Env(bw, tmp_path, "7.4")
+    a = _image(w, env)
+    vmid = next(_ids)
+    env.cloud.vm(vmid, [(0, a)], hosts=("host1",), tpm={"MODEL": "tpm-crb"})
+    w.deploy(vmid, "host1")
+    vmdir = "/var/lib/one/datastores/0/%d" % vmid
+    h = w.hosts["host1"]
+    h.run(["sh", "-c", "mkdir -p %s/tpm && echo state-1 > %s/tpm/tpm2-00.permall" % (vmdir, vmdir)], user="oneadmin")
+    env.cloud.backup(vmid, live=False)
+    env.call("prebackup", vmid, [0])
+    listing = h.run(["tar", "tzf", vmdir + "/backup/disk.tpm.0"]).stdout.split()
+    assert "tpm/tpm2-00.permall" in listing, listing
+    _restore(w, env, vmid, {"0": [vmdir + "/backup/disk.0.0"], "tpm": [vmdir + "/backup/disk.tpm.0"]})
+    env.call("postbackup", vmid, [0])
+    h.run(["sh", "-c", "echo state-2 > %s/tpm/tpm2-00.permall" % vmdir], user="oneadmin")
+    env.cloud.state(vmid, 0, state=8)
+    res = oneutil.run(env.r / "tm" / "shared" / "restore", ["host1:" + vmdir, vmid, 77, 0, -1],
+                      env=w.env, timeout=300)
+    assert res.rc == 0, res
+    assert h.run(["cat", vmdir + "/tpm/tpm2-00.permall"]).stdout == "state-1\n"
+    w.terminate(vmid, "host1")
+
+
 def test_6_6_shape_only_oneiscsi_disks_original_not_run(bw, tmp_path):
     """6.6: `host:dir ids deploy vmid dsid` (no bj_id); with only eqliscsi disks the original
     never runs and oneiscsi writes vm.xml (base64 of the VM XML, as upstream) itself."""

@@ -165,7 +165,10 @@ def _pre(job, mine, rest, args) -> int:
                 raise Failure("the system TM's %s of disk(s) %s failed (exit %d); oneiscsi's disks were not read"
                               % (job.action, ", ".join(rest), rc))
         # the folder made ready in the same ssh round trip as the first read
-        prefix = hostbackup.prepare_dir(job.backup_dir, _b64(job.vm_xml), fresh=not rest or job.backup_host != job.host)
+        fresh = not rest or job.backup_host != job.host
+        # the TPM state goes with the original when it runs (its own save_tpm_sh), else with us
+        tpm = (job.deploy_id, job.vm_dir) if fresh and job.vm["TEMPLATE/TPM/MODEL"] else None
+        prefix = hostbackup.prepare_dir(job.backup_dir, _b64(job.vm_xml), fresh, tpm)
         for p in parts:
             p.read(prefix)
             prefix = ""
@@ -236,6 +239,11 @@ def restore(call) -> int:
     for t in targets:
         t.write(download(call, urls[t.did], host, "%s/disk.%s.backup" % (vm_dir, t.did)))
         log.info("disk %s of VM %d restored from backup image %d (increment %d)" % (t.did, vmid, img_id, inc_id))
+    # the TPM state comes back with disk 0 (src/tm_mad/lib/datastore.rb `ls_increment`, 7.4.0)
+    if "tpm" in urls and any(t.did == "0" for t in targets):
+        from oneiscsi.host import backup as hostbackup
+        staged = download(call, urls["tpm"], host, "%s/disk.tpm.backup" % vm_dir)
+        _host_step(host, hostbackup.restore_tpm(staged, vm_dir), "TPM state restore")
     rc = 0
     for did in others:
         rc = rc or _original(call, [a[0], a[1], a[2], a[3], did])
@@ -274,7 +282,7 @@ def backup_urls(call, vm, img_id: int, inc_id: int) -> dict:
     except ValueError:
         raise Failure("the backup datastore's ls of image %d answered no JSON: %s"
                       % (img_id, validate.show(res.stdout))) from None
-    return {str(k): str(v) for k, v in found.items() if re.fullmatch(r"\d+", str(k))}
+    return {str(k): str(v) for k, v in found.items() if re.fullmatch(r"\d+|tpm", str(k))}
 
 
 def download(call, url: str, host: str, path: str) -> str:

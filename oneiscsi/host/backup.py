@@ -108,8 +108,10 @@ def _find(lun: Lun, var: str) -> str:
         "no LUN of %s on %s answers (access record, CHAP, or the target is down)" % (lun.iqn, lun.portal)))
 
 
-def prepare_dir(backup_dir: str, vm_xml_b64: str, fresh: bool) -> str:
-    """The backup folder as upstream's prebackup leaves it: emptied (fresh) and vm.xml written."""
+def prepare_dir(backup_dir: str, vm_xml_b64: str, fresh: bool, tpm=None) -> str:
+    """The backup folder as upstream's prebackup leaves it: emptied (fresh), vm.xml written and,
+    for a VM with a TPM (tpm = (deploy id, vm_dir)), its state in `disk.tpm.0` as upstream's
+    `save_tpm_sh` makes it (src/tm_mad/lib/backup_kvm.rb, release-7.4.0)."""
     d = q(validate.safe_path(backup_dir, "backup folder"))
     lines = []
     if fresh:
@@ -117,7 +119,18 @@ def prepare_dir(backup_dir: str, vm_xml_b64: str, fresh: bool) -> str:
     lines += ["mkdir -p %s || { echo %s >&2; exit 3; }" % (d, q("cannot create the backup folder %s" % backup_dir)),
               "[ -e %s/vm.xml ] || cat > %s/vm.xml <<'ONEISCSI_VMXML'\n%s\nONEISCSI_VMXML"
               % (d, d, vm_xml_b64.strip())]
+    if tpm:
+        dom, vm_dir = q(tpm[0]), q(validate.safe_path(tpm[1], "VM folder"))
+        lines += ["(sudo -n -l 2>/dev/null | grep -q vtpm_setup) && sudo -n /var/tmp/one/vtpm_setup backup %s %s"
+                  % (dom, vm_dir),
+                  "tar zcf %s/disk.tpm.0 -C %s tpm || { echo 'cannot save the TPM state' >&2; exit 3; }" % (d, vm_dir)]
     return "\n".join(lines) + "\n"
+
+
+def restore_tpm(staged: str, vm_dir: str) -> str:
+    """upstream's `restore_tpm_sh`: the TPM state folder replaced from the backup's tar."""
+    s, d = q(validate.safe_path(staged, "staged TPM state")), q(validate.safe_path(vm_dir, "VM folder"))
+    return "rm -rf %s/tpm && tar zxf %s -C %s; rc=$?; rm -f %s; exit $rc\n" % (d, s, d, s)
 
 
 def read_script(backup_dir: str, reads: list) -> str:

@@ -128,7 +128,7 @@ class Cloud:
         self.oned.images[img.iid] = img.xml(self.version)
 
     def vm(self, vmid, disks, hosts=("host1",), lcm_state=3, state=3, system_tm=None, system_ds=None,
-           others=(), features=None, backups=None) -> str:
+           others=(), features=None, backups=None, tpm=None) -> str:
         """disks: (disk_id, Img[, user attrs]); others: DISK attribute dicts of disks that are not
         images of this model (volatile, other drivers), written as given; features: the VM
         owner's FEATURES (GUEST_AGENT...), kept by oned as written."""
@@ -150,13 +150,13 @@ class Cloud:
             # a VM's BACKUP_CONFIG defaults (src/vm/Backups.cc `parse`, release-7.4.0)
             backups = {"BACKUP_VOLATILE": "NO", "FS_FREEZE": "NONE", "KEEP_LAST": "", "MODE": "FULL"}
         self.shape[vmid] = dict(disks=disks, hosts=hosts, lcm_state=lcm_state, state=state, system_tm=system_tm,
-                                system_ds=system_ds, others=others, features=features, backups=backups)
+                                system_ds=system_ds, others=others, features=features, backups=backups, tpm=tpm)
         xml_disks = [onexml.disk_xml(did, {k: v for k, v in a.items() if k != "DISK_ID"})
                      for did, a in sorted(attrs.items())]
         xml_disks += [onexml.disk_xml(o["DISK_ID"], {k: v for k, v in o.items() if k != "DISK_ID"}) for o in others]
         xml = onexml.vm_xml(vmid=vmid, disks=xml_disks, hosts=hosts, lcm_state=lcm_state, state=state,
                             system_ds=self.system_ds if system_ds is None else system_ds, version=self.version,
-                            tm_system=system_tm or self.system_tm, features=features, backups=backups)
+                            tm_system=system_tm or self.system_tm, features=features, backups=backups, tpm=tpm)
         self.oned.vms[vmid] = xml
         return xml
 

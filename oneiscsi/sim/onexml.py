@@ -78,10 +78,10 @@ def backups_xml(config: dict) -> str:
 
 
 def vm_xml(vmid=0, disks=(), hosts=("host1",), lcm_state=3, state=3, system_ds=0, name="vm",
-           version=(6, 8), tm_system="shared", features=None, backups=None) -> str:
+           version=(6, 8), tm_system="shared", features=None, backups=None, tpm=None) -> str:
     """disks: list of DISK XML strings (disk_xml); hosts: history, last = current host;
     features: /VM/TEMPLATE/FEATURES attributes (GUEST_AGENT...), as the VM owner wrote them;
-    backups: BACKUP_CONFIG attributes (6.6+)."""
+    backups: BACKUP_CONFIG attributes (6.6+); tpm: /VM/TEMPLATE/TPM (MODEL...), as the owner wrote it."""
     history = []
     for seq, h in enumerate(hosts):
         if tuple(version) >= (5, 0):
@@ -101,7 +101,8 @@ def vm_xml(vmid=0, disks=(), hosts=("host1",), lcm_state=3, state=3, system_ds=0
                  _el("PREV_STATE", state), _el("PREV_LCM_STATE", lcm_state), _el("RESCHED", 0),
                  _el("STIME", 1700000000), _el("ETIME", 0), _el("DEPLOY_ID", "one-%s" % vmid)]),
         "".join(disks) + ("<FEATURES>%s</FEATURES>" % "".join(_el(k, v) for k, v in features.items())
-                          if features else ""),
+                          if features else "")
+        + ("<TPM>%s</TPM>" % "".join(_el(k, v) for k, v in tpm.items()) if tpm else ""),
         _el("TM_MAD_SYSTEM", tm_system) if tuple(version) >= (5, 0) else "",
         "".join(history), backups_xml(backups) if backups is not None and tuple(version) >= (6, 6) else ""))
 
