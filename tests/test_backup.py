@@ -25,7 +25,7 @@ import pytest
 
 from oneiscsi.sim import onexml
 from tests import oneutil
-from tests.test_eqliscsi_tm import MiB, SYSDS, World, eql_host_key, local, rand_bytes  # noqa: F401 (fixture)
+from tests.test_eqliscsi_tm import MiB, SYSDS, eql_host_key, local, rand_bytes, world_on_lab  # noqa: F401
 
 pytestmark = pytest.mark.needs_root
 
@@ -56,18 +56,8 @@ cat %(answer)s
 
 @pytest.fixture(scope="module")
 def bw(tmp_path_factory, eql_host_key):
-    from oneiscsi.sim.hosts import Lab
-    work = tmp_path_factory.mktemp("bk")
-    lab = Lab(os.path.join(str(work), "lab"), hosts=("host1", "host2"), san=True, virsh_standin=True)
-    lab.start()
-    try:
-        w = World(work, lab=lab, host_key=eql_host_key, conf={"EQL_MULTIHOST": "disable"})
-        try:
-            yield w
-        finally:
-            w.stop()
-    finally:
-        lab.stop()
+    with world_on_lab(tmp_path_factory.mktemp("bk"), eql_host_key, ("host1", "host2"), virsh_standin=True) as w:
+        yield w
 
 
 def virsh_calls(w, host="host1"):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.test_eqliscsi_tm import DSID, MiB, World, disk_path, eql_host_key  # noqa: F401 (fixture)
+from tests.test_eqliscsi_tm import DSID, MiB, disk_path, eql_host_key, world_on_lab  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.needs_root
 
@@ -20,18 +20,8 @@ _ids = iter(range(7000, 8000))
 
 @pytest.fixture(scope="module")
 def lw(tmp_path_factory, eql_host_key):  # noqa: F811
-    from oneiscsi.sim.hosts import Lab
-    work = tmp_path_factory.mktemp("bxsnap")
-    lab = Lab(os.path.join(str(work), "lab"), hosts=("host1",), san=True, virsh_standin=True)
-    lab.start()
-    try:
-        w = World(work, lab=lab, host_key=eql_host_key, conf={"EQL_MULTIHOST": "disable"})
-        try:
-            yield w
-        finally:
-            w.stop()
-    finally:
-        lab.stop()
+    with world_on_lab(tmp_path_factory.mktemp("bxsnap"), eql_host_key, virsh_standin=True) as w:
+        yield w
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ ONEISCSI_SSH is a wrapper logging every ssh argv (round trips are counted from i
 `World` is shared with test_eqliscsi_lifecycle*.py and bench/."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -254,6 +255,22 @@ class World:
         v = self.volume(name)
         addrs = {h.addr: n for n, h in self.hosts.items()}
         return sorted(addrs[a.ipaddress] for a in v.access if a.ipaddress in addrs)
+
+
+@contextlib.contextmanager
+def world_on_lab(work, host_key, hosts=("host1",), **lab_kw):
+    """A World on a Lab of its own (lab_kw: virsh_standin=True...), both stopped at the end."""
+    from oneiscsi.sim.hosts import Lab
+    lab = Lab(os.path.join(str(work), "lab"), hosts=hosts, san=True, **lab_kw)
+    lab.start()
+    try:
+        w = World(work, lab=lab, host_key=host_key, conf={"EQL_MULTIHOST": "disable"})
+        try:
+            yield w
+        finally:
+            w.stop()
+    finally:
+        lab.stop()
 
 
 def traversable(path):
