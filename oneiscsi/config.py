@@ -15,8 +15,10 @@ The SAN credential itself (EQL_PASS, or key material in EQL_KEY) is accepted onl
 the 0600 eqliscsi.conf: a datastore template is shown to every user with USE on the
 datastore (`onedatastore show`) and travels on the action's argv up to 6.6, an image
 template to the image's users; there it is refused with one line naming where it
-belongs. File *names* (EQL_PASS_FILE, EQL_KEY as a path) may come from the datastore
-template; the file must then be 0600 (or tighter).
+belongs. File *names* (EQL_PASS_FILE, EQL_KEY as a path, EQL_CHAP_PASS_FILE) may come from
+the datastore template only for files in eqliscsi.conf's own folder, and the file must be 0600
+(or tighter): a datastore's manager could otherwise name any private file of oneadmin (its
+one_auth) and have its first line sent, as a password, to an EQL_HOST of theirs.
 """
 from __future__ import annotations
 
@@ -133,6 +135,24 @@ def _credential_in_template(key: str, value: str, where: str, conf: str):
     return Invalid("%s is refused in the %s template (every user who can read the template sees it): "
                    "put the password in %s (mode 0600) or in a 0600 file named by EQL_PASS_FILE, "
                    "a key in a 0600 file named by EQL_KEY" % (key, where, conf))
+
+
+SECRET_FILE_KEYS = ("EQL_PASS_FILE", "EQL_KEY", "EQL_CHAP_PASS_FILE")
+
+
+def _secret_file_in_template(key: str, value: str, conf: str):
+    """None, or the refusal of a secret file named by a datastore template outside the folder
+    of eqliscsi.conf (the one place the frontend's administrator keeps the SAN's secrets)."""
+    if key not in SECRET_FILE_KEYS or key == "EQL_KEY" and ("\n" in value or "PRIVATE KEY" in value):
+        return None
+    folder = os.path.realpath(os.path.dirname(conf))
+    path = os.path.realpath(os.path.expanduser(value))
+    if os.path.dirname(path) == folder:
+        return None
+    return Invalid("%s %s is refused in the datastore template: such files must be in %s, the folder of "
+                   "eqliscsi.conf (a datastore's manager could otherwise name any private file of oneadmin "
+                   "and have it sent to an EQL_HOST of theirs); move the file there, or set %s in %s"
+                   % (key, validate.show(value), folder, key, conf))
 
 
 def _number(values, key, lo, hi) -> int:
@@ -255,7 +275,8 @@ def load(remotes: str, datastore=None, image=None) -> EqlConfig:
         for key in DEFAULTS:
             value = datastore.tpl(key)
             if value:
-                refused = _credential_in_template(key, value, "datastore", path)
+                refused = (_credential_in_template(key, value, "datastore", path)
+                           or _secret_file_in_template(key, value, path))
                 if refused:
                     raise refused
                 values[key], sources[key] = value, "datastore"

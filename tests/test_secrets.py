@@ -127,3 +127,29 @@ def test_log_file_is_0640_whatever_the_umask_and_narrowed_when_loose(tmp_path):
     subprocess.run([oneutil.PYTHON, "-c", code], check=True, env=env, capture_output=True)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
     assert path.read_text().count(" t INFO x") == 2
+
+
+@pytest.mark.parametrize("key", ["EQL_PASS_FILE", "EQL_KEY", "EQL_CHAP_PASS_FILE"])
+def test_a_datastore_template_names_secret_files_only_beside_eqliscsi_conf(conf, tmp_path, key):
+    """A datastore's manager must not be able to point the SAN login at another private file of
+    oneadmin (one_auth) and an EQL_HOST of theirs: outside the conf's folder it is refused in one
+    line, before any file is read; beside eqliscsi.conf it is taken."""
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    stolen = other / "one_auth"
+    stolen.write_text("oneadmin:the-oned-password\n")
+    stolen.chmod(0o600)
+    with pytest.raises(Invalid) as ei:
+        config.load("/nowhere", datastore=Tpl(**{key: str(stolen), "EQL_HOST": "198.51.100.7"}))
+    msg = str(ei.value)
+    assert "refused in the datastore template" in msg and str(conf.parent) in msg and "\n" not in msg
+    assert "the-oned-password" not in msg
+    # a link from the conf's folder to elsewhere is elsewhere
+    link = tmp_path / "link"
+    link.symlink_to(stolen)
+    with pytest.raises(Invalid):
+        config.load("/nowhere", datastore=Tpl(**{key: str(link)}))
+    beside = tmp_path / "group2.secret"
+    beside.write_text("x\n")
+    beside.chmod(0o600)
+    assert config.load("/nowhere", datastore=Tpl(**{key: str(beside)}))[key] == str(beside)
