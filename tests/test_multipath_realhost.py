@@ -232,6 +232,9 @@ true
     for line in r.stdout.splitlines():
         w = line.split()
         out[w[0]].append(w[1:])
+    # this target's maps: over its disks; a map without any path is stale, whoever left it
+    disks = {d[0] for d in out["disk"]}
+    out["map"] = [m for m in out["map"] if not m[2:] or disks & set(m[2:])]
     return out
 
 
@@ -293,8 +296,9 @@ while [ ! -e /tmp/load.stop ]; do
   fi
   i=$((i + 1)); echo $i > /tmp/load.count
 done
-dd if="$DEV" bs=65536 count=$N iflag=direct 2>>/tmp/load.log | sha256sum | cut -d' ' -f1 > /tmp/load.dev
-sha256sum < /tmp/load.src | cut -d' ' -f1 > /tmp/load.want
+n=$i; [ $n -gt $N ] && n=$N     # the blocks written at least once
+dd if="$DEV" bs=65536 count=$n iflag=direct 2>>/tmp/load.log | sha256sum | cut -d' ' -f1 > /tmp/load.dev
+head -c $((n * 65536)) /tmp/load.src | sha256sum | cut -d' ' -f1 > /tmp/load.want
 echo done >> /tmp/load.log
 """
 
@@ -440,3 +444,30 @@ def test_attach_detach_rounds_leave_nothing_behind(env):
     r = guest(env, "multipathd show maps raw format '%n'; ls /sys/class/iscsi_session; ls /etc/iscsi/nodes",
               check=False)
     assert r.stdout.split() == [], r.stdout
+
+
+def test_selftest_host_checks_on_the_multipath_host(env):
+    from oneiscsi import host as hostrun
+    from oneiscsi.host import checks
+    res = hostrun.run("mpkvm", checks.script(eql=True, eql_chap=True, libvirt=False, qemu=False,
+                                             mp_ifaces=["eql0", "eql1"]), what="selftest")
+    rows = {r[0]: r[1:] for r in checks.parse(res.stdout)}
+    for name in ("multipathd", "multipath EQLOGIC", "iface eql0", "iface eql1", "arp/rp_filter"):
+        assert rows[name][0] == "PASS", (name, rows[name])
+    assert rows["no_path_retry"][:2] == ("PASS", "no_path_retry 6 (bounded)")
+    assert "share a subnet" in rows["arp/rp_filter"][1]
+    # the same checks fail where they must: a strict rp_filter, an unbound iface, no_path_retry queue
+    env["rh"].ssh("echo 1 > /proc/sys/net/ipv4/conf/eth1/rp_filter; iscsiadm -m iface -I eqlx -o new >/dev/null",
+                  check=True)
+    try:
+        res = hostrun.run("mpkvm", checks.script(eql=True, eql_chap=True, libvirt=False, qemu=False,
+                                                 mp_ifaces=["eql0", "eqlx"]), what="selftest")
+        rows = {r[0]: r[1:] for r in checks.parse(res.stdout)}
+        assert rows["iface eqlx"][0] == "FAIL" and rows["arp/rp_filter"][0] == "SKIP" or \
+            rows["arp/rp_filter"][0] in ("PASS", "FAIL"), rows
+        res = hostrun.run("mpkvm", checks.script(eql=True, eql_chap=True, libvirt=False, qemu=False,
+                                                 mp_ifaces=["eql0", "eql1"]), what="selftest")
+        rows = {r[0]: r[1:] for r in checks.parse(res.stdout)}
+        assert rows["arp/rp_filter"][0] == "FAIL" and "eth1.rp_filter=strict" in rows["arp/rp_filter"][1], rows
+    finally:
+        env["rh"].ssh("echo 2 > /proc/sys/net/ipv4/conf/eth1/rp_filter; iscsiadm -m iface -I eqlx -o delete >/dev/null")

@@ -69,6 +69,7 @@ INITIATOR_FILE = "/etc/iscsi/initiatorname.iscsi"
 NODE_RECORD_RE = ("^-a /(etc|var/lib)/iscsi/nodes/[A-Za-z0-9][A-Za-z0-9.:_-]*/"
                   "[A-Za-z0-9][A-Za-z0-9.:-]*,[0-9]+(,[0-9]+/[A-Za-z0-9][A-Za-z0-9._:-]*)?$")
 SUDOERS_LINE = ("oneadmin ALL=(root) NOPASSWD: /usr/sbin/iscsiadm, /usr/sbin/blockdev, "
+                "/usr/sbin/multipath, /usr/sbin/multipathd, /usr/sbin/dmsetup, "
                 "/usr/bin/tee /sys/block/sd[a-z]/device/delete, "
                 "/usr/bin/tee /sys/block/sd[a-z][a-z]/device/delete, "
                 "/usr/bin/cat " + INITIATOR_FILE + ", "
