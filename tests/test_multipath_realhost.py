@@ -429,7 +429,8 @@ def test_parallel_attaches_make_one_session_per_iface_and_rescan_every_path(env)
     assert_nothing_left(env, b)
 
 
-ROUNDS = 20
+# 20 rounds take about 200 s under TCG (10 s a round, measured): CI runs 6 (ONEISCSI_MP_ROUNDS=20 for all)
+ROUNDS = int(os.environ.get("ONEISCSI_MP_ROUNDS", "6"))
 
 
 def test_attach_detach_rounds_leave_nothing_behind(env):
@@ -441,9 +442,9 @@ def test_attach_detach_rounds_leave_nothing_behind(env):
         iscsi.detach("mpkvm", [vol_of(t, link)], iface=IFACES)
     print("%d multipath attach/detach rounds: %.1f s" % (ROUNDS, time.monotonic() - t0))
     assert_nothing_left(env, t)
-    r = guest(env, "multipathd show maps raw format '%n'; ls /sys/class/iscsi_session; ls /etc/iscsi/nodes",
+    r = guest(env, "ls /sys/class/iscsi_session /etc/iscsi/nodes; ls -d /sys/block/dm-* /sys/block/sd* 2>/dev/null",
               check=False)
-    assert r.stdout.split() == [], r.stdout
+    assert r.stdout.split() == ["/etc/iscsi/nodes:", "/sys/class/iscsi_session:"], r.stdout
 
 
 def test_selftest_host_checks_on_the_multipath_host(env):
@@ -457,17 +458,18 @@ def test_selftest_host_checks_on_the_multipath_host(env):
     assert rows["no_path_retry"][:2] == ("PASS", "no_path_retry 6 (bounded)")
     assert "share a subnet" in rows["arp/rp_filter"][1]
     # the same checks fail where they must: a strict rp_filter, an unbound iface, no_path_retry queue
-    env["rh"].ssh("echo 1 > /proc/sys/net/ipv4/conf/eth1/rp_filter; iscsiadm -m iface -I eqlx -o new >/dev/null",
-                  check=True)
+    # (the kernel uses the larger of conf/all and conf/<nic>: both strict here)
+    env["rh"].ssh("for n in all eth1; do echo 1 > /proc/sys/net/ipv4/conf/$n/rp_filter; done; "
+                  "iscsiadm -m iface -I eqlx -o new >/dev/null", check=True)
     try:
         res = hostrun.run("mpkvm", checks.script(eql=True, eql_chap=True, libvirt=False, qemu=False,
                                                  mp_ifaces=["eql0", "eqlx"]), what="selftest")
         rows = {r[0]: r[1:] for r in checks.parse(res.stdout)}
-        assert rows["iface eqlx"][0] == "FAIL" and rows["arp/rp_filter"][0] == "SKIP" or \
-            rows["arp/rp_filter"][0] in ("PASS", "FAIL"), rows
+        assert rows["iface eqlx"][0] == "FAIL" and "bound to no NIC" in rows["iface eqlx"][1], rows
         res = hostrun.run("mpkvm", checks.script(eql=True, eql_chap=True, libvirt=False, qemu=False,
                                                  mp_ifaces=["eql0", "eql1"]), what="selftest")
         rows = {r[0]: r[1:] for r in checks.parse(res.stdout)}
         assert rows["arp/rp_filter"][0] == "FAIL" and "eth1.rp_filter=strict" in rows["arp/rp_filter"][1], rows
     finally:
-        env["rh"].ssh("echo 2 > /proc/sys/net/ipv4/conf/eth1/rp_filter; iscsiadm -m iface -I eqlx -o delete >/dev/null")
+        env["rh"].ssh("for n in all eth1; do echo 2 > /proc/sys/net/ipv4/conf/$n/rp_filter; done; "
+                      "iscsiadm -m iface -I eqlx -o delete >/dev/null")
