@@ -31,6 +31,7 @@ from oneiscsi.host import checks
 ISCSI_DRIVERS = ("iscsi", "iscsi_libvirt")
 # What oneadmin runs with sudo on an eqliscsi host (the one place this text lives).
 SUDOERS = ("oneadmin ALL=(root) NOPASSWD: /usr/sbin/iscsiadm, /usr/sbin/blockdev, "
+           "/usr/sbin/multipath, /usr/sbin/multipathd, /usr/sbin/dmsetup, "
            "/usr/bin/tee /sys/block/sd[a-z]/device/delete, /usr/bin/tee /sys/block/sd[a-z][a-z]/device/delete\n")
 # --fix: what goes where, and the command that makes the system see it
 FIXES = {
@@ -51,6 +52,7 @@ class Plan:
         self.drivers = set()        # "iscsi" and/or "eqliscsi"
         self.eql_datastores = []    # datastore objects (or None: eqliscsi.conf alone)
         self.eql_chap = False
+        self.mp_ifaces = []         # EQL_IFACE of multipath datastores (2+ ifaces)
 
 
 def from_oned(plan: Plan) -> bool:
@@ -98,6 +100,10 @@ def eql_frontend(plan: Plan, remotes: str) -> None:
             group = cfg.group()
             plan.portals.add(cfg.portal())
             plan.eql_chap = plan.eql_chap or bool(cfg.chap_user)
+            from oneiscsi.host.iscsi import ifaces_of
+            ifaces = ifaces_of(cfg["EQL_IFACE"])
+            if len(ifaces) > 1:
+                plan.mp_ifaces += [i for i in ifaces if i not in plan.mp_ifaces]
         except Failure as e:
             plan.rows.append(("frontend", where, "FAIL", str(e), "fix the EQL_* settings of %s" % where))
             continue
@@ -212,7 +218,8 @@ def check(host: str, plan: Plan) -> list:
     libvirt = "iscsi" in plan.drivers
     # qemu-img's libiscsi: QEMU's own disks (iscsi) and every backup read / in-place restore (both)
     script = checks.script(usages=plan.usages if libvirt else (), portals=plan.portals, libvirt=libvirt,
-                           qemu=True, eql="eqliscsi" in plan.drivers, eql_chap=plan.eql_chap)
+                           qemu=True, eql="eqliscsi" in plan.drivers, eql_chap=plan.eql_chap,
+                           mp_ifaces=plan.mp_ifaces)
     res = hostrun.run(host, script, timeout=120, what="selftest")
     name = host or os.uname().nodename
     if hostrun.unreachable(res):
@@ -247,6 +254,8 @@ def main(argv) -> int:
     ap.add_argument("--remotes", default="", help="remotes tree with etc/datastore/eqliscsi/eqliscsi.conf")
     ap.add_argument("--usage", action="append", default=[], help="an ISCSI_USAGE whose libvirt secret must exist")
     ap.add_argument("--portal", action="append", default=[], help="an ISCSI_HOST portal that must be reachable")
+    ap.add_argument("--iface", default="", help="EQL_IFACE of a multipath datastore (eql0,eql1): check multipath "
+                    "on the hosts without oned")
     ap.add_argument("--fix", choices=sorted(FIXES),
                     help="print the udev rules and helper, or the sudoers line, a host needs (dry run)")
     ap.add_argument("--apply", action="store_true", help="with --fix: install them (root)")
@@ -261,6 +270,9 @@ def main(argv) -> int:
     plan.usages = {validate.usage(u, "--usage") for u in a.usage}
     for p in a.portal:
         plan.portals.update(validate.portals(p, "--portal"))
+    from oneiscsi.host.iscsi import ifaces_of
+    ifaces = ifaces_of(a.iface)
+    plan.mp_ifaces = ifaces if len(ifaces) > 1 else []
     skipped = []
     oned = from_oned(plan)
     if a.driver:

@@ -476,3 +476,38 @@ def test_hostile_names_never_reach_ssh(env):
         with pytest.raises(Invalid):
             call()
     assert env.ssh_calls() == []
+
+
+def test_eql_iface_lists_and_multipath_scripts(monkeypatch):
+    assert iscsi.ifaces_of("eql0, eql1") == ["eql0", "eql1"] == iscsi.ifaces_of("eql0 eql1")
+    assert iscsi.ifaces_of("eql0") == ["eql0"] and iscsi.ifaces_of("") == [] and iscsi.ifaces_of(None) == []
+    for bad in ("eql0,eql0", "eql0,$(x)", "eql0;rm", "-I"):
+        with pytest.raises(Invalid):
+            iscsi.ifaces_of(bad)
+    v = [Volume("10.0.0.5:3260", "iqn.2001-05.com.equallogic:0-8a0906-0123456789-0123456789abcdef-v1", "v1",
+                "/var/lib/one/datastores/0/1/disk.0", 1 << 20)]
+    single = _render(monkeypatch, iscsi.attach, v, iface="eth1")
+    multi = _render(monkeypatch, iscsi.attach, v, iface="eql0,eql1")
+    detach = _render(monkeypatch, iscsi.detach, v, iface="eql0,eql1", force=True)
+    for s in (single, multi, detach):
+        assert subprocess.run(["sh", "-n"], input=s, text=True, capture_output=True).returncode == 0
+    # one iface: today's single path (attach_one, -I eth1, no multipath preflight)
+    assert "IFACE=eth1\nIFACES=''\nMULTIPATH=\n" in single and " attach_one " in single
+    assert "multipathd show status" not in single.split("main() {")[1].split("attach_one()")[0]
+    # several: attach_mp under the target's lock, multipathd asked first
+    assert "IFACE=''\nIFACES='eql0 eql1'\nMULTIPATH=1\n" in multi and " attach_mp " in multi
+    assert "FORCE=1" in detach and "MULTIPATH=1" in detach
+
+
+@needs_root
+def test_multipath_attach_on_a_host_without_multipathd_logs_nothing_in(env):
+    """The stand-in host has no multipath-tools (the stand-in cannot do dm-multipath): the
+    preflight refuses before any record or login; single-path attaches there are unchanged."""
+    t = env.target()
+    with pytest.raises(Failure) as ei:
+        iscsi.attach("host1", [t(link=DISK % (40, 0), size_bytes=LUN)], iface="eql0,eql1")
+    assert "host1" in str(ei.value) and "multipath" in str(ei.value), str(ei.value)
+    assert env.state(iqn=t.iqn) == ([], []) and env.tgtd.sessions(t.iqn) == 0
+    assert env.link("host1", DISK % (40, 0)) is None
+    # detach with the list on a host that never attached: success ("already gone")
+    iscsi.detach("host1", [t(link=DISK % (40, 0))], iface="eql0,eql1")

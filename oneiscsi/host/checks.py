@@ -100,12 +100,90 @@ fi
 """
 
 
-def script(usages=(), portals=(), libvirt=True, eql=False, eql_chap=False, qemu=True) -> str:
+# Multipath (EQL_IFACE lists several ifaces): multipath.md section B. Debian 12's multipath-tools
+# 0.9.4 has no EQLOGIC entry (upstream added one in 0.13.0, commit 33a959e3) and defaults to
+# no_path_retry fail; `multipathd show config` shows what is in effect (built-ins + multipath.conf).
+MULTIPATH = r"""
+MPSUDO=; [ "$(id -u)" = 0 ] || MPSUDO="sudo -n"
+if ! $MPSUDO multipathd show status >/dev/null 2>&1; then
+  echo "CHECK|multipathd|FAIL|multipathd is not running on $(hostname) (or sudo -n multipathd is not allowed)|apt-get install multipath-tools; systemctl enable --now multipathd; sudoers line (README)"
+else
+  echo "CHECK|multipathd|PASS|multipathd answers|"
+  conf=$($MPSUDO multipathd show config 2>/dev/null)
+  eq=$(printf '%s\n' "$conf" | awk '
+    $1 == "defaults" { sec = "d" } $1 == "device" && $2 == "{" { sec = "dev"; v = p = n = g = "" }
+    sec == "d" && $1 == "no_path_retry" { dn = $2 }
+    sec == "dev" && $1 == "vendor" { v = $2 } sec == "dev" && $1 == "product" { p = $2 }
+    sec == "dev" && $1 == "no_path_retry" { n = $2 } sec == "dev" && $1 == "path_grouping_policy" { g = $2 }
+    sec == "dev" && $1 == "}" { if (v ~ /EQLOGIC/ && p ~ /100E/) { fv = 1; fn = n; fg = g }; sec = "" }
+    END { if (fv) print "yes", (fn != "" ? fn : (dn != "" ? dn : "fail")), fg; else print "no", (dn != "" ? dn : "fail") }')
+  set -- $eq
+  if [ "$1" = yes ]; then
+    echo "CHECK|multipath EQLOGIC|PASS|EQLOGIC/100E-00 device section in effect (path_grouping_policy $3)|"
+    npr=$2
+  else
+    echo "CHECK|multipath EQLOGIC|FAIL|no EQLOGIC/100E-00 device section in multipathd's configuration|add the device section of the README to /etc/multipath.conf, then multipathd reconfigure"
+    npr=$2
+  fi
+  case $npr in
+    *[!0-9]*|'')
+      case $npr in
+        queue) echo "CHECK|no_path_retry|FAIL|no_path_retry queue: I/O waits forever when every path is gone (hangs detach and shutdown)|set a bounded no_path_retry (e.g. 30) in the EQLOGIC device section" ;;
+        *) echo "CHECK|no_path_retry|WARN|no_path_retry $npr: I/O fails as soon as the last path drops (a short flap reaches the VM)|set a bounded no_path_retry (e.g. 30) in the EQLOGIC device section" ;;
+      esac ;;
+    *) echo "CHECK|no_path_retry|PASS|no_path_retry $npr (bounded)|" ;;
+  esac
+fi
+nics=
+for k in @IFACES@; do
+  nic=$($MPSUDO iscsiadm -m iface -I "$k" 2>/dev/null | sed -n 's/^iface.net_ifacename = //p')
+  case $nic in
+    ''|'<empty>') echo "CHECK|iface $k|FAIL|open-iscsi iface $k is missing or bound to no NIC|iscsiadm -m iface -I $k -o new; iscsiadm -m iface -I $k -o update -n iface.net_ifacename -v <NIC>" ;;
+    *) if [ "$(cat /sys/class/net/$nic/operstate 2>/dev/null)" = up ]; then
+         echo "CHECK|iface $k|PASS|bound to $nic (up)|"
+       else
+         echo "CHECK|iface $k|FAIL|bound to $nic, which is missing or down|bring $nic up or bind $k to the right NIC"
+       fi
+       nics="$nics $nic" ;;
+  esac
+done
+same=$(for n in $nics; do ip -o -4 addr show dev "$n" 2>/dev/null | awk '{ print $4 }'; done | awk -F/ '
+  { split($1, a, "."); m = $2; v = ((a[1] * 256 + a[2]) * 256 + a[3]) * 256 + a[4]; b = 2 ^ (32 - m); k = int(v / b) "/" m; c[k]++ }
+  END { for (k in c) if (c[k] > 1) print k }')
+if [ -z "$nics" ]; then
+  echo "CHECK|arp/rp_filter|SKIP|no iface is bound to a NIC (see the iface rows)|"
+elif [ -z "$same" ]; then
+  echo "CHECK|arp/rp_filter|PASS|the iSCSI NICs are on separate subnets|"
+else
+  bad=
+  for n in $nics; do
+    for k in arp_ignore:1 arp_announce:2; do
+      v=$(cat /proc/sys/net/ipv4/conf/$n/${k%%:*} 2>/dev/null); a=$(cat /proc/sys/net/ipv4/conf/all/${k%%:*} 2>/dev/null)
+      [ "${v:-0}" -ge "${k##*:}" ] || [ "${a:-0}" -ge "${k##*:}" ] || bad="$bad $n.${k%%:*}=${v:-?}"
+    done
+    v=$(cat /proc/sys/net/ipv4/conf/$n/rp_filter 2>/dev/null); a=$(cat /proc/sys/net/ipv4/conf/all/rp_filter 2>/dev/null)
+    { [ "${v:-0}" = 1 ] && [ "${a:-0}" != 2 ]; } || { [ "${a:-0}" = 1 ] && [ "${v:-0}" != 2 ]; } && bad="$bad $n.rp_filter=strict"
+  done
+  if [ -z "$bad" ]; then
+    echo "CHECK|arp/rp_filter|PASS|NICs share a subnet; arp_ignore, arp_announce and rp_filter fit|"
+  else
+    echo "CHECK|arp/rp_filter|FAIL|NICs share a subnet but$bad|sysctl net.ipv4.conf.<NIC>.arp_ignore=1, arp_announce=2, rp_filter=2 for each iSCSI NIC (README)"
+  fi
+fi
+"""
+
+MULTIPATH_OFF = ('echo "CHECK|multipath|SKIP|not configured: EQL_IFACE names at most one iface (single path)|'
+                 'list one iface per NIC in EQL_IFACE to use multipath (README)"')
+
+
+def script(usages=(), portals=(), libvirt=True, eql=False, eql_chap=False, qemu=True, mp_ifaces=()) -> str:
     """usages: validated ISCSI_USAGE values; portals: validated (host, port) pairs; eql: the
-    EqualLogic host checks (eql_chap: the datastore gives CHAP itself, iscsid.conf needs none)."""
+    EqualLogic host checks (eql_chap: the datastore gives CHAP itself, iscsid.conf needs none);
+    mp_ifaces: the ifaces of a multipath datastore (validated), or none."""
     parts = [QEMU] if qemu else []
     if eql:
         parts.append(OPEN_ISCSI)
+        parts.append(MULTIPATH.replace("@IFACES@", " ".join(q(i) for i in mp_ifaces)) if mp_ifaces else MULTIPATH_OFF)
         parts.append('echo "CHECK|chap|PASS|CHAP comes from the datastore (EQL_CHAP_USER)|"' if eql_chap
                      else CHAP_DEFAULTS)
     if libvirt or usages:

@@ -69,6 +69,7 @@ INITIATOR_FILE = "/etc/iscsi/initiatorname.iscsi"
 NODE_RECORD_RE = ("^-a /(etc|var/lib)/iscsi/nodes/[A-Za-z0-9][A-Za-z0-9.:_-]*/"
                   "[A-Za-z0-9][A-Za-z0-9.:-]*,[0-9]+(,[0-9]+/[A-Za-z0-9][A-Za-z0-9._:-]*)?$")
 SUDOERS_LINE = ("oneadmin ALL=(root) NOPASSWD: /usr/sbin/iscsiadm, /usr/sbin/blockdev, "
+                "/usr/sbin/multipath, /usr/sbin/multipathd, /usr/sbin/dmsetup, "
                 "/usr/bin/tee /sys/block/sd[a-z]/device/delete, "
                 "/usr/bin/tee /sys/block/sd[a-z][a-z]/device/delete, "
                 "/usr/bin/cat " + INITIATOR_FILE + ", "
@@ -279,6 +280,7 @@ finish() {
   if [ -s "$T/$1.err" ]; then
     while IFS= read -r l || [ -n "$l" ]; do printf '[%s] %s\n' "$2" "$l"; done < "$T/$1.err" >&2
   fi
+  [ -s "$T/$1.warn" ] && cat "$T/$1.warn"
   if [ -s "$T/$1.res" ]; then cat "$T/$1.res"
   else printf 'FAIL %s internal 1 %s\n' "$2" "$(tail -n 1 "$T/$1.err" 2>/dev/null)"; status=1; return; fi
   case $(cat "$T/$1.res") in OK*) ;; *) status=1 ;; esac
@@ -431,9 +433,13 @@ target_devs() {
 # see: qemu runs as oneadmin on OpenNebula KVM hosts); empty when nothing does
 holder() {
   for d in $devs; do
+    case " $maps " in *" ${d##*/} "*) continue ;; esac   # a map of the target: map_holder
     for h in /sys/block/${d##*/}/holders/*; do
+      case " $maps " in *" ${h##*/} "*) continue ;; esac
       [ -e "$h" ] && { echo "${d##*/} is held by ${h##*/}"; return; }
     done
+    # a path of the target's map: multipathd keeps it open for its checker
+    [ -n "$maps" ] && map_of "${d##*/}" >/dev/null && continue
     fd=$(find /proc/[0-9]*/fd -maxdepth 1 -lname "$d" 2>/dev/null | head -n 1)
     if [ -n "$fd" ]; then
       p=${fd#/proc/}; p=${p%%/*}
@@ -462,6 +468,13 @@ unlink_one() {  # VOL PORTAL BPHOST PORT IQN LINK: another VM on this host uses 
 detach_one() {  # VOL PORTAL BPHOST PORT IQN LINK
   VOL=$1 PORTAL=$2 BPHOST=$3 PORT=$4 IQN=$5 LINK=$6
   target_devs
+  # a dm-multipath map on the target's paths (whatever the datastore says now): multipath order
+  maps= paths=
+  if [ -d /sys/class/iscsi_session ]; then
+    mp_paths; mp_maps
+    for p in $paths; do case " $devs " in *" /dev/$p "*) ;; *) devs="$devs /dev/$p" ;; esac; done
+  fi
+  if [ -n "$maps" ] || [ -n "$MULTIPATH" ]; then detach_mp; return; fi
   h=$(holder)
   if [ -n "$h" ]; then fail in-use 1 "$h"; return; fi
   for d in $devs; do
@@ -486,6 +499,17 @@ detach_one() {  # VOL PORTAL BPHOST PORT IQN LINK
 
 rescan_one() {  # VOL PORTAL BPHOST PORT IQN SIZE
   VOL=$1 PORTAL=$2 BPHOST=$3 PORT=$4 IQN=$5 SIZE=$6
+  maps= paths= devs=
+  if [ -d /sys/class/iscsi_session ]; then mp_paths; mp_maps; fi
+  if [ -n "$maps" ]; then   # every path, then the map (multipathd resize map)
+    m=$(echo $maps | cut -d' ' -f1)
+    mp_rescan "$m"
+    dev=/dev/mapper/$(dm_name "$m")
+    if [ -n "$SIZE" ] && ! wait_size "$dev" "$SIZE"; then
+      fail size 1 "$dev has $(dev_size "$dev") bytes after the rescan, the volume $SIZE"; return
+    fi
+    result OK "$dev" "$(dev_size "$dev")"; return
+  fi
   if ! has_session; then fail rescan 21 "no session for $IQN on this host"; return; fi
   node --rescan || { fail rescan $rc "$last"; return; }
   rescanned=1
@@ -494,6 +518,305 @@ rescan_one() {  # VOL PORTAL BPHOST PORT IQN SIZE
     fail size 1 "$dev has $(dev_size "$dev") bytes after the rescan, the volume $SIZE"; return
   fi
   result OK "$dev" "$(dev_size "$dev")"
+}
+
+# ---------------------------------------------------------------- multipath (IFACES has 2+ ifaces)
+# Paths are found through sysfs, never by-path: every path of one target has the same by-path
+# name (systemd path_id uses the node record's portal; multipath.md "by-path collision").
+# iqn_sessions: "<sid> <iface>" of every session of $IQN
+iqn_sessions() {
+  for s in /sys/class/iscsi_session/session*; do
+    [ -r "$s/targetname" ] || continue
+    [ "$(cat "$s/targetname" 2>/dev/null)" = "$IQN" ] || continue
+    printf '%s %s\n' "${s##*/session}" "$(cat "$s/ifacename" 2>/dev/null)"
+  done
+}
+# sess_disks SID: the sd disks of that session (LUN 0 of tgtd is its controller: no block device)
+sess_disks() {
+  for b in /sys/class/iscsi_session/session$1/device/target*/*:*/block/*; do
+    [ -e "$b" ] && printf '%s\n' "${b##*/}"
+  done
+}
+# mp_paths: $paths (sdX ...) of every session of $IQN, $nodisk (sids without a disk), $sids
+mp_paths() {
+  paths= nodisk= sids=
+  for sid in $(iqn_sessions | awk '{ print $1 }'); do
+    sids="$sids $sid"
+    d=$(sess_disks "$sid")
+    if [ -z "$d" ]; then nodisk="$nodisk $sid"; else paths="$paths $d"; fi
+  done
+}
+# map_of sdX: the dm-N of the dm-multipath map holding the path (exit 1: none)
+map_of() {
+  for h in /sys/block/$1/holders/dm-*; do
+    [ -r "$h/dm/uuid" ] || continue
+    case $(cat "$h/dm/uuid") in mpath-*) printf '%s\n' "${h##*/}"; return 0 ;; esac
+  done
+  return 1
+}
+dm_name() { cat "/sys/block/$1/dm/name" 2>/dev/null; }
+# mp_maps: $maps (dm-N ...) holding any path of $IQN or named in $devs (BASE/VOL on a map)
+mp_maps() {
+  maps=
+  for p in $paths; do
+    m=$(map_of "$p") || continue
+    case " $maps " in *" $m "*) ;; *) maps="$maps $m" ;; esac
+  done
+  for d in $devs; do
+    case ${d##*/} in
+      dm-*) [ -r "/sys/block/${d##*/}/dm/uuid" ] || continue
+            case $(cat "/sys/block/${d##*/}/dm/uuid") in mpath-*) ;; *) continue ;; esac
+            case " $maps " in *" ${d##*/} "*) ;; *) maps="$maps ${d##*/}" ;; esac ;;
+    esac
+  done
+}
+# map_holder dm-N: what keeps the map open (a holder such as LVM or kpartx, or an opener: a
+# running VM); empty when nothing does
+map_holder() {
+  n=$(dm_name "$1")
+  for h in /sys/block/$1/holders/*; do
+    [ -e "$h" ] && { echo "map $n ($1) is held by ${h##*/}"; return; }
+  done
+  o=$($SUDO dmsetup info -c --noheadings -o open "$n" 2>/dev/null | tr -d ' ')
+  case $o in ''|0) return ;; esac
+  fd=$(find /proc/[0-9]*/fd -maxdepth 1 \( -lname "/dev/$1" -o -lname "/dev/mapper/$n" \) 2>/dev/null | head -n 1)
+  if [ -n "$fd" ]; then
+    p=${fd#/proc/}; p=${p%%/*}
+    echo "map $n ($1) is open by pid $p ($(cat /proc/$p/comm 2>/dev/null))"
+  else
+    echo "map $n ($1) is open $o time(s) (a process of another user, e.g. qemu or an LVM scan)"
+  fi
+}
+# mp_flush dm-N: flush the map, bounded retries on "map in use" (a transient udev/blkid
+# opener; LXD retries 10 x 0.5 s, os-brick 3 tries); an absent map is done
+mp_flush() {
+  n=$(dm_name "$1")
+  [ -n "$n" ] || return 0
+  if [ -n "$FORCE" ]; then
+    # only when forced: fail the I/O queued on a pathless map (multipath.conf(5) KNOWN ISSUES)
+    $SUDO multipathd disablequeueing map "$n" >&2 2>&1 || say "disablequeueing $n failed"
+  fi
+  tries=0
+  until out=$($SUDO multipath -f "$n" 2>&1); do
+    [ -e "/sys/block/$1/dm" ] || return 0
+    tries=$((tries + 1))
+    if [ $tries -ge 10 ]; then
+      rc=1 last="multipath -f $n: $(printf '%s\n' "$out" | tail -n 1)"; return 1
+    fi
+    h=$(map_holder "$1")
+    if [ -n "$h" ] && [ -z "$FORCE" ]; then rc=1 last=$h; return 1; fi
+    sleep 1
+  done
+  say "map $n flushed"
+}
+# del_paths: delete the SCSI devices of $paths and wait (bounded) until they are gone
+del_paths() {
+  for p in $paths; do
+    if [ -e "/sys/block/$p/device/delete" ]; then
+      echo 1 | $SUDO tee "/sys/block/$p/device/delete" >/dev/null || say "deleting $p failed"
+    fi
+  done
+  end=$(( $(now) + WAIT ))
+  for p in $paths; do
+    while [ -e "/sys/block/$p" ] && [ "$(now)" -lt "$end" ]; do nap; done
+    [ -e "/sys/block/$p" ] && say "$p is still there after $WAIT s"
+  done
+  return 0
+}
+# logout_all: every session and record of the target (-m node without -I: all ifaces)
+logout_all() {
+  IFACE=
+  node --logout
+  case $rc in 0) say "logged out" ;; 21) ;; *) return 1 ;; esac
+  for sid in $(iqn_sessions | awk '{ print $1 }'); do   # a session on another portal (redirect)
+    adm -m session -r "$sid" --logout || [ $rc -eq 21 ] || return 1
+  done
+  # per iface first: one delete over several iface records of a portal exits 6 once (measured)
+  for K in $IFACES; do IFACE=$K; node -o delete || [ $rc -eq 21 ] || say "node delete on $K: rc $rc"; done
+  IFACE= tries=0
+  until node -o delete; do
+    [ $rc -eq 21 ] && break
+    if [ $rc -ne 6 ] && [ $rc -ne 15 ] || [ $tries -ge 5 ]; then last="node delete: $last"; return 1; fi
+    tries=$((tries + 1)); sleep 1
+  done
+  return 0
+}
+
+# detach_mp: (devs, paths, maps known) map flush, path delete, logout, node delete (safe order,
+# os-brick remove_connection; multipath.md A): a map still open fails before anything changes
+detach_mp() {
+  mnames=
+  for m in $maps; do mnames="$mnames /dev/mapper/$(dm_name "$m")"; done
+  for m in $maps; do
+    h=$(map_holder "$m")
+    if [ -n "$h" ] && [ -n "$FORCE" ]; then
+      $SUDO multipathd disablequeueing map "$(dm_name "$m")" >&2 2>&1
+      end=$(( $(now) + 10 ))
+      while [ -n "$h" ] && [ "$(now)" -lt "$end" ]; do nap; h=$(map_holder "$m"); done
+    fi
+    if [ -n "$h" ]; then fail in-use 1 "$h"; return; fi
+  done
+  h=$(holder)
+  if [ -n "$h" ]; then fail in-use 1 "$h"; return; fi
+  for m in $maps; do
+    mp_flush "$m" || { fail map-flush $rc "$last"; return; }
+  done
+  del_paths
+  logout_all || { fail logout $rc "$last"; return; }
+  devs="$devs $mnames"
+  # a link to a map that is gone (flushed by an earlier, interrupted detach) is ours too
+  if [ -n "$MULTIPATH" ] && [ -n "$LINK" ] && [ -L "$LINK" ] && [ ! -e "$LINK" ]; then
+    case $(readlink "$LINK") in /dev/mapper/*) rm -f "$LINK" ;; esac
+  fi
+  unlink_mine
+  result OK
+}
+
+warn() { say "warning: $*"; printf 'WARN %s %s\n' "$KEY" "$*" >> "$T/$N.warn"; }
+
+mp_undo() {
+  if [ -n "$in" ]; then
+    mp_paths
+    if [ -n "$mapnew" ]; then mp_maps; for m in $maps; do mp_flush "$m" || say "map flush after the failure failed"; done; fi
+    for K in $in; do
+      mine=
+      for sid in $(iqn_sessions | awk -v k="$K" '$2 == k { print $1 }'); do
+        for p in $(sess_disks "$sid"); do mine="$mine $p"; done
+      done
+      paths=$mine; del_paths
+      IFACE=$K; node --logout || say "logout on $K after the failure failed (rc $rc)"
+    done
+  fi
+  for K in $made; do IFACE=$K; node -o delete || say "node delete on $K after the failure failed (rc $rc)"; done
+  IFACE=
+  return 0
+}
+
+attach_mp() {  # VOL PORTAL BPHOST PORT IQN LINK SIZE RO
+  VOL=$1 PORTAL=$2 BPHOST=$3 PORT=$4 IQN=$5 LINK=$6 SIZE=$7 RO=$8
+  made= in= mapnew=
+  # 1. a node record per iface (CHAP, node.startup manual)
+  for K in $IFACES; do
+    IFACE=$K created= tries=0
+    until node; do
+      if [ $rc -eq 21 ] || [ $rc -eq 255 ]; then
+        # with the portal group tag: `-o new -p ip:port` writes one old-style file <ip>,<port>
+        # shared by every iface (the last one wins; measured on the real-kernel guest, open-iscsi
+        # 2.1.8); <ip>,<port>,1/<iface> is one record per iface. 1 is the group's tag (Cinder's
+        # PS driver: "<group-ip>:3260,1 <iqn> 0"; tgtd's too)
+        if adm -m node -T "$IQN" -p "$PORTAL,1" -I "$K" -o new; then
+          created=1; made="$made $K"; say "node record on $K created"; break
+        fi
+      fi
+      if [ $rc -ne 6 ] || [ $tries -ge 5 ]; then fail node-record $rc "$K: $last"; mp_undo; return; fi
+      tries=$((tries + 1)); sleep 1
+    done
+    if [ -n "$CHAP_USER" ]; then set_chap || { fail chap-settings $rc "$K: $last"; mp_undo; return; }; fi
+    if [ -z "$created" ] || [ -z "$STARTUP_MANUAL" ] || [ -n "$CHAP_USER" ]; then
+      node_update -n node.startup -v manual || { fail node-startup $rc "$K: $last"; mp_undo; return; }
+    fi
+  done
+  IFACE=
+  # 2. log in on the ifaces without a session, all at once (15: a parallel login won)
+  had=$(iqn_sessions)
+  for K in $IFACES; do
+    if printf '%s\n' "$had" | awk -v k="$K" '$2 == k { f = 1 } END { exit !f }'; then continue; fi
+    ( IFACE=$K; node --login; printf '%s %s\n' "$rc" "$last" > "$T/$N.login.$K" ) &
+  done
+  wait
+  lfail= lrc= ltext=
+  for K in $IFACES; do
+    [ -r "$T/$N.login.$K" ] || continue
+    read -r r t < "$T/$N.login.$K"
+    case $r in
+      0) in="$in $K"; say "logged in on $K" ;;
+      15) say "logged in on $K meanwhile (15)" ;;
+      *) lfail="$lfail $K"; [ -n "$lrc" ] || { lrc=$r ltext="$K: $t"; } ;;
+    esac
+  done
+  [ -n "$(iqn_sessions)" ] || { fail login "${lrc:-1}" "${ltext:-no session}"; mp_undo; return; }
+  # 3. one disk per session (a session without one is rescanned once)
+  end=$(( $(now) + WAIT )) resc=$(( $(now) + 3 ))
+  while :; do
+    mp_paths
+    [ -n "$paths" ] && [ -z "$nodisk" ] && break
+    [ "$(now)" -ge "$end" ] && break
+    if [ -n "$resc" ] && [ "$(now)" -ge "$resc" ]; then
+      for sid in $nodisk; do say "session $sid without a disk: rescanning"; adm -m session -r "$sid" --rescan; done
+      resc=
+    fi
+    nap
+  done
+  if [ -z "$paths" ]; then fail device 1 "no disk on any session of $IQN after $WAIT s"; mp_undo; return; fi
+  # 4. the same WWID on every path
+  wwid=
+  for p in $paths; do
+    w=$(cat "/sys/block/$p/device/wwid" 2>/dev/null)
+    [ -n "$wwid" ] || wwid=$w
+    if [ "$w" != "$wwid" ]; then fail wwid 1 "$p shows WWID $w, another path $wwid"; mp_undo; return; fi
+  done
+  # 5. the map: multipathd makes it, `multipath -a` + `add path` for find_multipaths strict
+  #    (os-brick linuxscsi); bounded wait for every path in it
+  first=$(echo $paths | cut -d' ' -f1)
+  map_of "$first" >/dev/null || mapnew=1
+  if [ -n "$mapnew" ]; then
+    $SUDO multipath -a "/dev/$first" >&2 2>&1 || say "multipath -a /dev/$first failed"
+  fi
+  end=$(( $(now) + WAIT )) added=
+  while :; do
+    m= all=1
+    for p in $paths; do
+      if pm=$(map_of "$p"); then m=$pm; else all=; fi
+    done
+    [ -n "$all" ] && break
+    [ "$(now)" -ge "$end" ] && break
+    if [ -z "$added" ]; then
+      for p in $paths; do map_of "$p" >/dev/null || $SUDO multipathd add path "$p" >&2 2>&1; done
+      added=1
+    fi
+    nap
+  done
+  if [ -z "$m" ]; then fail map 1 "no dm-multipath map for $IQN (paths$paths) after $WAIT s"; mp_undo; return; fi
+  name=$(dm_name "$m")
+  # 6. fewer paths than configured ifaces or sessions: a warning naming the missing ones
+  for K in $lfail; do warn "no path on iface $K: login failed"; done
+  for sid in $nodisk; do warn "session $sid ($(cat /sys/class/iscsi_session/session$sid/ifacename 2>/dev/null)) has no disk"; done
+  for p in $paths; do [ "$(map_of "$p")" = "$m" ] || warn "path $p is not in map $name"; done
+  for K in $IFACES; do
+    case " $lfail " in *" $K "*) continue ;; esac
+    iqn_sessions | awk -v k="$K" '$2 == k { f = 1 } END { exit !f }' || warn "no session on iface $K"
+  done
+  dev=/dev/mapper/$name
+  end=$(( $(now) + WAIT ))
+  until [ -b "$dev" ] || [ "$(now)" -ge "$end" ]; do nap; done
+  [ -b "$dev" ] || { fail device 1 "$dev did not appear"; mp_undo; return; }
+  if [ -n "$SIZE" ]; then
+    sz=$(dev_size "$dev") || sz=
+    if [ -n "$sz" ] && [ "$sz" -lt "$SIZE" ]; then
+      say "$dev has $sz bytes, less than $SIZE: rescanning"
+      mp_rescan "$m"
+      if ! wait_size "$dev" "$SIZE"; then fail size 1 "$dev has $sz bytes, the volume $SIZE"; mp_undo; return; fi
+    fi
+  fi
+  if [ -n "$RO" ]; then
+    $SUDO blockdev --setro "/dev/$m" || { fail readonly $? "blockdev --setro /dev/$m failed"; mp_undo; return; }
+  fi
+  if [ -n "$LINK" ]; then
+    dir=${LINK%/*}
+    if ! { mkdir -p "${dir:-/}" && ln -sfn "$dev" "$LINK"; }; then
+      fail link 1 "cannot create the link $LINK"; mp_undo; return
+    fi
+  fi
+  result OK "$dev"
+}
+
+# mp_rescan dm-N: rescan every session of $IQN, then let multipathd resize the map
+mp_rescan() {
+  for sid in $(iqn_sessions | awk '{ print $1 }'); do
+    adm -m session -r "$sid" --rescan || say "rescan of session $sid failed (rc $rc)"
+  done
+  sleep 1
+  $SUDO multipathd resize map "$(dm_name "$1")" >&2 2>&1 || say "multipathd resize map failed"
 }
 
 sessions_list() {
@@ -517,8 +840,26 @@ stray() {
 """
 
 
-def _settings(iface=None, base="/dev/eql", wait=30, chap=None) -> str:
-    lines = ["IFACE=%s" % hostrun.q(iface or ""), "BASE=%s" % hostrun.q(base),
+# multipath preflight: multipathd answers (os-brick's supports_multipath check: `multipathd show
+# status`); without it no map would ever appear, so nothing is logged in
+MP_PRE = r"""
+if [ -z "$PRE" ]; then
+  if ! command -v multipath >/dev/null 2>&1 && [ ! -x /usr/sbin/multipath ] && [ ! -x /sbin/multipath ]; then
+    PRE="multipath not found: install multipath-tools (EQL_IFACE lists several ifaces)"
+  elif ! $SUDO multipathd show status >/dev/null 2>&1; then
+    PRE="multipathd is not running (or oneadmin may not run it through sudo -n): start multipathd"
+  fi
+fi
+"""
+
+
+def _settings(iface=None, base="/dev/eql", wait=30, chap=None, force=False) -> str:
+    ifaces = iface if isinstance(iface, list) else ([iface] if iface else [])
+    multipath = len(ifaces) > 1
+    lines = ["IFACE=%s" % hostrun.q("" if multipath else (ifaces[0] if ifaces else "")),
+             "IFACES=%s" % hostrun.q(" ".join(ifaces) if multipath else ""),
+             "MULTIPATH=%s" % ("1" if multipath else ""), "FORCE=%s" % ("1" if force else ""),
+             "BASE=%s" % hostrun.q(base),
              "WAIT=%d" % wait, "LOCKWAIT=%d" % (2 * wait + 60),
              "CHAP_USER=%s" % hostrun.q(chap.user if chap else "")]
     text = "\n".join(lines) + "\n"
@@ -549,6 +890,23 @@ def _vol_args(v: Volume) -> list:
     return [v.volume, v.portal, v.bypath_host, str(v.port), v.iqn]
 
 
+def ifaces_of(value) -> list:
+    """EQL_IFACE: one open-iscsi iface, or several separated by commas or blanks (multipath:
+    one session per iface, a dm-multipath map over them). One name: today's single path."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else re.split(r"[\s,]+", str(value).strip())
+    items = [str(i) for i in items if str(i) != ""]
+    for i in items:
+        validate.reject_dangerous(i, "EQL_IFACE")
+        if not _IFACE.match(i):
+            raise Invalid("EQL_IFACE %s is refused: not an iSCSI interface name" % validate.show(i))
+    dup = sorted({i for i in items if items.count(i) > 1})
+    if dup:
+        raise Invalid("EQL_IFACE names iface %s twice" % ", ".join(dup))
+    return items
+
+
 def _check(vols, iface, base_device, wait):
     vols = list(vols or [])
     if not vols:
@@ -560,13 +918,10 @@ def _check(vols, iface, base_device, wait):
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise Invalid("volume %s is given twice" % ", ".join(dup))
-    if iface is not None and iface != "":
-        validate.reject_dangerous(str(iface), "EQL_IFACE")
-        if not _IFACE.match(str(iface)):
-            raise Invalid("EQL_IFACE %s is refused: not an iSCSI interface name" % validate.show(iface))
+    ifaces = ifaces_of(iface)
     base = validate.safe_path(str(base_device or ""), "EQL_BASE_DEVICE").rstrip("/") or "/"
     wait = validate.number(str(wait), "EQL_WAIT_TIME", 1, 3600)
-    return vols, iface or None, base, wait
+    return vols, (ifaces if len(ifaces) > 1 else (ifaces[0] if ifaces else None)), base, wait
 
 
 # ---------------------------------------------------------------- result handling
@@ -595,6 +950,14 @@ _REASONS = {
     "rescan": ("rescan failed", "attach the volume on this host first"),
     "session": ("iscsiadm -m session failed", "check open-iscsi on the host"),
     "internal": ("the host script stopped unexpectedly", "see the DEBUG lines of the log"),
+    "wwid": ("the paths of the volume show different WWIDs",
+             "check that every iface in EQL_IFACE reaches the same group (no stale sessions)"),
+    "map": ("no dm-multipath map appeared over the paths (logins undone)",
+            "check multipathd and the EQLOGIC device section of /etc/multipath.conf (README); "
+            "blacklists or find_multipaths may exclude the disk"),
+    "map-flush": ("the dm-multipath map could not be flushed: nothing logged out",
+                  "stop what uses the map (a VM, kpartx, an LVM scan), or detach with force when "
+                  "all paths are gone and I/O is queued"),
 }
 _LOGIN = {
     24: ("CHAP authentication failed at login",
@@ -630,7 +993,8 @@ def _reason(step, rc, text) -> tuple:
     if step == "login" and rc in _LOGIN:
         reason, fix = _LOGIN[rc]
     detail = log.mask(text.strip())
-    if step in ("device", "size", "link", "lock", "preflight", "internal", "in-use", "readonly"):
+    if step in ("device", "size", "link", "lock", "preflight", "internal", "in-use", "readonly", "wwid", "map",
+                "map-flush"):
         return "%s (%s)" % (reason, detail) if detail else reason, fix
     return "%s (iscsiadm exit %d%s)" % (reason, rc, ": " + detail if detail else ""), fix
 
@@ -649,6 +1013,10 @@ def _run(host, script, keys, what, timeout, missing_ok_host=False, require_all=T
             return None
         raise _unreachable(host, res, what)
     results = _parse(res, keys)
+    for line in (res.stdout or "").splitlines():
+        words = line.split(" ", 2)
+        if words[0] == "WARN" and len(words) == 3 and words[1] in keys:
+            log.warn("host %s: %s: %s" % (host, words[1], log.mask(words[2])))
     ok, failed = {}, []
     for k in keys:
         r = results.get(k)
@@ -678,11 +1046,15 @@ def attach(host: str, vols: list, chap: Chap | None = None, iface: str | None = 
     vols, iface, base, wait = _check(vols, iface, base_device, wait)
     if chap is not None and not isinstance(chap, Chap):
         raise TypeError("chap must be a Chap")
-    calls = [(v.volume, lock_file(v.iqn), "attach_one",
+    func = "attach_mp" if isinstance(iface, list) else "attach_one"
+    calls = [(v.volume, lock_file(v.iqn), func,
               _vol_args(v) + [v.link or "", "" if v.size_bytes is None else str(v.size_bytes),
                               "1" if v.readonly else ""])
              for v in vols]
-    script = _script(_settings(iface, base, wait, chap), "snapshot_sessions\n" + _parallel(calls))
+    body = (MP_PRE if func == "attach_mp" else "") + "snapshot_sessions\n"
+    if func == "attach_mp":     # sessions per iface come from sysfs under the lock, not a snapshot
+        body += "SESSION_SNAPSHOT=\n"
+    script = _script(_settings(iface, base, wait, chap), body + _parallel(calls))
     ok = _run(host, script, [v.volume for v in vols], "iSCSI attach", 4 * wait + 180)
     missing = [k for k, words in ok.items() if not words]
     if missing:
@@ -691,15 +1063,22 @@ def attach(host: str, vols: list, chap: Chap | None = None, iface: str | None = 
 
 
 def detach(host: str, vols: list, iface: str | None = None, missing_ok_host: bool = False,
-           base_device: str = "/dev/eql") -> None:
+           base_device: str = "/dev/eql", force: bool = False, wait: int = 30) -> None:
     """Flush, delete the SCSI disk, logout, node delete, remove the link; each step tolerates
     "already gone". A disk still open on the host (a holder, a process) is not logged out: the
     detach fails naming it. A Volume with logout=False only loses its link (another VM on the
-    host uses the volume). With missing_ok_host an unreachable host is a warning only."""
-    vols, iface, base, _ = _check(vols, iface, base_device, 30)
+    host uses the volume). With missing_ok_host an unreachable host is a warning only.
+
+    Multipath (a dm-multipath map over the target's paths, whatever `iface` says, or `iface`
+    listing several ifaces): the map is flushed first (bounded retries on "map in use"), then
+    every path's SCSI device is deleted, then every session logged out and every record deleted;
+    a map still open fails the detach naming the holder before anything changes. `force` also
+    disables queueing on the map first (all paths gone, I/O queued: the queued I/O fails, so
+    its opener can let go); it never pulls a map a process keeps open."""
+    vols, iface, base, wait = _check(vols, iface, base_device, wait)
     calls = [(v.volume, lock_file(v.iqn), "detach_one" if v.logout else "unlink_one", _vol_args(v) + [v.link or ""])
              for v in vols]
-    script = _script(_settings(iface, base), _parallel(calls))
+    script = _script(_settings(iface, base, wait, force=force), _parallel(calls))
     _run(host, script, [v.volume for v in vols], "iSCSI detach", 600, missing_ok_host)
 
 
@@ -741,5 +1120,5 @@ def logout_strays(host: str, iqns: list) -> list:
     return list(ok or [])
 
 
-__all__ = ["Volume", "Chap", "HostFailure", "attach", "detach", "rescan", "sessions", "logout_strays",
+__all__ = ["Volume", "Chap", "HostFailure", "attach", "detach", "rescan", "sessions", "logout_strays", "ifaces_of",
            "lock_file", "initiator_name", "SUDOERS_LINE", "INITIATOR_FILE"]

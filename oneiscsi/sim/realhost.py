@@ -49,6 +49,7 @@ SUITE = "bookworm"
 PACKAGES = (
     "linux-image-amd64", "open-iscsi", "udev", "kmod", "iproute2", "procps",
     "openssh-server", "util-linux", "coreutils", "sudo", "rsyslog",
+    "multipath-tools",   # dm-multipath (multipathd, multipath, kpartx): started only by a boot script
 )
 ONEADMIN_UID = 9869  # OpenNebula's packaged oneadmin uid/gid
 IMAGE_SIZE = "2G"
@@ -110,6 +111,8 @@ say network up
 # syslog: sudo writes its log lines (authpriv) to /var/log/auth.log as on a Debian host
 rsyslogd || say "rsyslogd failed"
 iscsid || say "iscsid failed"
+# a per-boot script from the config disk (RealHost(boot_script=...)): extra NICs, multipathd
+if [ -x /etc/oneiscsi-boot.sh ]; then /etc/oneiscsi-boot.sh || say "boot script failed"; fi
 /usr/sbin/sshd || say "sshd failed"
 say "$(uname -r) up"
 echo "READY_MARK"
@@ -354,15 +357,20 @@ class RealHost:
     to /etc/udev/rules.d/, anything else (helpers) to /usr/lib/udev/ mode 0755;
     an item may also be a (source, absolute guest path) pair.  ``ssh_netns``
     runs the ssh client inside that network namespace (when the root ns has no
-    address on the bridge).
+    address on the bridge).  ``extra_nics`` is a list of bridge names: NIC K+1
+    (eth1, eth2, ...) of the guest sits on its tap on that bridge (its address
+    is for ``boot_script`` to set).  ``boot_script`` (sh text) runs as root at
+    boot after iscsid, before sshd; ``files`` is a list of (absolute guest path,
+    bytes, mode) placed before it runs.
     """
 
     def __init__(self, workdir, bridge: str, addr: str, gateway: str = None, name="kvm1",
                  authorized_key: str = None, udev_rules=(), initiator_name: str = None,
-                 memory_mb: int = 512, ssh_netns: str = None, cache_dir=None):
+                 memory_mb: int = 512, ssh_netns: str = None, cache_dir=None,
+                 extra_nics=(), boot_script: str = None, files=()):
         if not _NAME_RE.match(name):
             raise ValueError("bad host name %r" % (name,))
-        for what, v in (("bridge", bridge), ("netns", ssh_netns or "x")):
+        for what, v in [("bridge", bridge), ("netns", ssh_netns or "x")] + [("bridge", b) for b in extra_nics]:
             if not _IFNAME_RE.match(v):
                 raise ValueError("bad %s name %r" % (what, v))
         iface = ipaddress.ip_interface(addr if "/" in addr else addr + "/24")
@@ -381,6 +389,11 @@ class RealHost:
         self.initiator_name = initiator_name or "iqn.1993-08.org.debian:01:" + secrets.token_hex(6)
         self.tap = "rht%s" % secrets.token_hex(4)
         self.mac = "52:54:00:%02x:%02x:%02x" % tuple(secrets.token_bytes(3))
+        # (tap, mac, bridge) of eth1, eth2, ...
+        self.extra_nics = [("rht%s" % secrets.token_hex(4),
+                            "52:54:00:%02x:%02x:%02x" % tuple(secrets.token_bytes(3)), b) for b in extra_nics]
+        self.boot_script = boot_script
+        self.files = list(files)
         self.console_log = os.path.join(self.workdir, "console.log")
         self.known_hosts = os.path.join(self.workdir, "known_hosts")
         cm = os.path.join(self.workdir, "cm-")
@@ -390,6 +403,7 @@ class RealHost:
         self.proc = None
         self.boot_seconds = None
         self._tap_made = False
+        self._taps = []
         self._use = None
         os.makedirs(self.workdir, exist_ok=True)
         if authorized_key is None:
@@ -459,6 +473,12 @@ class RealHost:
                 with open(src, "rb") as f:
                     data = f.read()
                 add(tf, dest, data, 0o644 if dest.endswith(".rules") else 0o755)
+            for dest, data, mode in self.files:
+                if not dest.startswith("/") or ".." in dest.split("/"):
+                    raise ValueError("bad guest path %r" % (dest,))
+                add(tf, dest, bytes(data), mode)
+            if self.boot_script:
+                add(tf, "etc/oneiscsi-boot.sh", ("#!/bin/sh\n" + self.boot_script).encode(), 0o755)
         size = os.path.getsize(path)
         with open(path, "ab") as f:  # whole 512-byte sectors
             f.truncate(size + (-size % 512) + 512 * 16)
@@ -478,6 +498,9 @@ class RealHost:
             "-drive", "file=%s,if=virtio,format=raw,readonly=on" % os.path.join(self.workdir, "config.tar"),
             "-netdev", "tap,id=n0,ifname=%s,script=no,downscript=no" % self.tap,
             "-device", "virtio-net-pci,netdev=n0,mac=" + self.mac,
+        ] + sum([["-netdev", "tap,id=n%d,ifname=%s,script=no,downscript=no" % (i, tap),
+                  "-device", "virtio-net-pci,netdev=n%d,mac=%s" % (i, mac)]
+                 for i, (tap, mac, _) in enumerate(self.extra_nics, 1)], []) + [
             "-device", "virtio-rng-pci",
         ]
 
@@ -509,12 +532,14 @@ class RealHost:
                     stdout=qlog, stderr=subprocess.STDOUT)
             # qemu creates the tap itself (not persistent), so it vanishes
             # with qemu even when nobody calls stop().
-            while not os.path.exists("/sys/class/net/" + self.tap):
-                if self.proc.poll() is not None or time.monotonic() > t0 + 20:
-                    self._fail("qemu made no tap %s (qemu.log: %s)" % (self.tap, self._qemu_log()))
-                time.sleep(0.02)
-            self._tap_made = True
-            _run(["ip", "link", "set", self.tap, "master", self.bridge, "up"])
+            for tap, bridge in [(self.tap, self.bridge)] + [(t, b) for t, _, b in self.extra_nics]:
+                while not os.path.exists("/sys/class/net/" + tap):
+                    if self.proc.poll() is not None or time.monotonic() > t0 + 20:
+                        self._fail("qemu made no tap %s (qemu.log: %s)" % (tap, self._qemu_log()))
+                    time.sleep(0.02)
+                self._tap_made = True
+                self._taps.append(tap)
+                _run(["ip", "link", "set", tap, "master", bridge, "up"])
             self._wait_ready(t0 + timeout)
         except BaseException:
             self.stop()
@@ -563,9 +588,11 @@ class RealHost:
             self.proc.wait()
             self.proc = None
         if self._tap_made:  # normally gone with qemu already
-            if os.path.exists("/sys/class/net/" + self.tap):
-                subprocess.run(["ip", "link", "del", self.tap], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+            for tap in self._taps:
+                if os.path.exists("/sys/class/net/" + tap):
+                    subprocess.run(["ip", "link", "del", tap], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+            self._taps = []
             self._tap_made = False
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.workdir, "root.qcow2"))
