@@ -409,13 +409,16 @@ attach_one() {  # VOL PORTAL BPHOST PORT IQN LINK SIZE RO
       say "$d is not a block device (iscsiadm stand-in): not set read-only"
     fi
   fi
-  if [ -n "$LINK" ]; then
-    dir=${LINK%/*}
-    if ! { mkdir -p "${dir:-/}" && ln -sfn "$dev" "$LINK"; }; then
-      fail link 1 "cannot create the link $LINK"; undo; return
-    fi
-  fi
+  link_disk undo || return
   result OK "$dev"
+}
+
+# link_disk UNDO: disk.N -> $dev when a link is wanted; on failure, fail and run UNDO
+link_disk() {
+  [ -n "$LINK" ] || return 0
+  dir=${LINK%/*}
+  mkdir -p "${dir:-/}" && ln -sfn "$dev" "$LINK" && return 0
+  fail link 1 "cannot create the link $LINK"; $1; return 1
 }
 
 # the devices of the target (resolved), space-separated
@@ -801,12 +804,7 @@ attach_mp() {  # VOL PORTAL BPHOST PORT IQN LINK SIZE RO
   if [ -n "$RO" ]; then
     $SUDO blockdev --setro "/dev/$m" || { fail readonly $? "blockdev --setro /dev/$m failed"; mp_undo; return; }
   fi
-  if [ -n "$LINK" ]; then
-    dir=${LINK%/*}
-    if ! { mkdir -p "${dir:-/}" && ln -sfn "$dev" "$LINK"; }; then
-      fail link 1 "cannot create the link $LINK"; mp_undo; return
-    fi
-  fi
+  link_disk mp_undo || return
   result OK "$dev"
 }
 
