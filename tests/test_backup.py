@@ -394,6 +394,17 @@ def test_restore_in_place_writes_the_volume_and_keeps_the_device_link(bw, tmp_pa
     link = w.link("host1", local(vmid, 0))
     w.write("host1", local(vmid, 0), b"\x11" * (2 * MiB))
     env.cloud.state(vmid, 0, state=8)   # POWEROFF
+    # a backup that names a backing file (a file of the host) is refused, nothing is written
+    h = w.hosts["host1"]
+    h.run(["sh", "-c", "cd /var/lib/one/datastores && head -c 2097152 /dev/urandom > hostfile.raw && "
+           "qemu-img create -q -f qcow2 -F raw -b /var/lib/one/datastores/hostfile.raw hostile.qcow2"], user="oneadmin")
+    _restore(w, env, vmid, {"0": ["/var/lib/one/datastores/hostile.qcow2"]}, chain="0:evil")
+    res = oneutil.run(env.r / "tm" / "ssh" / "restore", ["host1:/var/lib/one/datastores/0/%d" % vmid, vmid, 77, 0, 0],
+                      env=w.env, timeout=300)
+    assert res.rc != 0 and "names a backing or data file" in res.err, res
+    assert w.read("host1", local(vmid, 0), 2 * MiB) == b"\x11" * (2 * MiB)
+    h.run(["rm", "-f", "/var/lib/one/datastores/hostfile.raw", "/var/lib/one/datastores/hostile.qcow2"])
+    (env.tmp / "ls.json").write_text(json.dumps({"0": "rsync://%d/0/0:abc/bk/%d/abc/disk.0.0" % (BKDS, vmid)}))
     res = oneutil.run(env.r / "tm" / "ssh" / "restore", ["host1:/var/lib/one/datastores/0/%d" % vmid, vmid, 77, 0, 0],
                       env=w.env, timeout=300)
     assert res.rc == 0, res

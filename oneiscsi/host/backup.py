@@ -100,11 +100,12 @@ def _secrets(luns: list) -> str:
     return "\n".join(out)
 
 
-def _find(lun: Lun, var: str) -> str:
+def _find(lun: Lun, var: str, min_expr: str = "") -> str:
+    """The LUN into shell variable `var`; min_expr: a shell expression for the least size."""
     if lun.lun is not None:
         return "%s=%d" % (var, int(lun.lun))
     probe = _opts(lun.spec("@@", lun.secret))
-    return "lun_of %s %d %s || fail %s" % (var, lun.min_size, q(probe), q(
+    return "lun_of %s %s %s || fail %s" % (var, min_expr or str(lun.min_size), q(probe), q(
         "no LUN of %s on %s answers (access record, CHAP, or the target is down)" % (lun.iqn, lun.portal)))
 
 
@@ -181,8 +182,13 @@ def write_script(staged: str, dest, link: str = "") -> str:
     if dest is not None:
         lines.append(_secrets([dest]))
     lines += ["trap 'rm -rf \"$work\"; rm -f %s' EXIT" % s,
-              "need=$(%s info --output=json -f qcow2 %s | sed -n 's/.*\"virtual-size\": *\\([0-9]*\\).*/\\1/p' "
-              "| head -n 1)" % (QEMU_IMG, s),
+              "info=$(%s info --output=json -f qcow2 %s) || fail 'the downloaded backup is not a qcow2 image'"
+              % (QEMU_IMG, s),
+              # one standalone image (downloader.sh merges a chain): a backing or data file named
+              # in it would be read from this host's disks into the VM's volume
+              "case $info in *'\"backing-filename\"'*|*'\"data-file\"'*) "
+              "fail 'the downloaded backup names a backing or data file: refused';; esac",
+              "need=$(printf '%s' \"$info\" | sed -n 's/.*\"virtual-size\": *\\([0-9]*\\).*/\\1/p' | head -n 1)",
               "[ -n \"$need\" ] || fail 'the downloaded backup is not a qcow2 image'"]
     if link:
         lk = q(validate.safe_path(link, "disk link"))
@@ -194,7 +200,7 @@ def write_script(staged: str, dest, link: str = "") -> str:
                       QEMU_IMG, s, lk, q("writing the backup onto %s failed" % link)),
                   "sync"]
     else:
-        lines += [_find(dest, "lw"),
+        lines += [_find(dest, "lw", "\"$need\""),
                   "%s convert -n -W -m 8 -f qcow2 $objs %s --target-image-opts %s || fail %s" % (
                       QEMU_IMG, s, _shell(_opts(dest.spec("@LUN@", dest.secret)), "lw"),
                       q("writing the backup onto %s failed" % dest.iqn))]
