@@ -108,22 +108,11 @@ class Part:
                 log.info("removed %s of %s (an earlier backup's)" % (name, t.volume))
 
     def _take(self, s, t) -> None:
-        from oneiscsi.san import cli, client
+        """The snapshot of this backup (a half-made one is deleted again, as for snap_create)."""
         before = {r["name"] for r in s.snapshots(t.volume)}
-        made = None
-        try:
-            made = s.create_snapshot(t.volume, cli.clean_description(
-                "OpenNebula VM %d disk %s backup %d" % (self.job.vmid, t.did, self.job.backup_id)))
-            s.rename_snapshot(t.volume, made, self._snap(t))
-            self.made[t] = self._snap(t)
-        except BaseException as e:
-            if made is not None or isinstance(e, client.TransportError):
-                try:
-                    for extra in sorted({r["name"] for r in s.snapshots(t.volume)} - before):
-                        s.delete_snapshot(t.volume, extra)
-                except Exception as e2:
-                    log.error("a half-made snapshot of %s could not be deleted: %s" % (t.volume, e2))
-            raise
+        tm._create_snapshot(s, t, self._snap(t), before, "OpenNebula VM %d disk %s backup %d"
+                            % (self.job.vmid, t.did, self.job.backup_id))
+        self.made[t] = self._snap(t)
 
     def _expose(self, ss) -> None:
         """Snapshots online (each is a target of its own), their IQNs; a restricted volume

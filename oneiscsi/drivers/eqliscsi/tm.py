@@ -62,8 +62,8 @@ EQL_SECURITY_ACCESS lists are never removed.
 from __future__ import annotations
 
 import contextlib
-import re
 import ipaddress
+import re
 import socket
 
 from oneiscsi import log, validate
@@ -832,13 +832,13 @@ def _snapshot_names(s, t: Target, snap):
     return before
 
 
-def _create_snapshot(s, t: Target, snap, before) -> None:
+def _create_snapshot(s, t: Target, snap, before, description="") -> None:
     """A group snapshot of t's volume named `snap`; a half-made one (made but not renamed, or a
     broken connection) is deleted again: only snapshots not in `before` go."""
     from oneiscsi.san import client
     made = None
     try:
-        made = s.create_snapshot(t.volume, "OpenNebula VM %d disk %s snapshot" % (t.vmid, t.did))
+        made = s.create_snapshot(t.volume, description or "OpenNebula VM %d disk %s snapshot" % (t.vmid, t.did))
         s.rename_snapshot(t.volume, made, snap)
     except BaseException as e:
         suffix = ""
