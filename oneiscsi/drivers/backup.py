@@ -147,7 +147,7 @@ def run(call, system_tm: str) -> int:
     args[1] = ":".join(rest)
     if call.action.startswith("pre"):
         return _pre(job, mine, rest, args)
-    return _post(job, mine, rest, args)
+    return _post(job, rest, args)
 
 
 def _pre(job, mine, rest, args) -> int:
@@ -181,7 +181,7 @@ def _pre(job, mine, rest, args) -> int:
     return 0
 
 
-def _post(job, mine, rest, args) -> int:
+def _post(job, rest, args) -> int:
     from oneiscsi.host import backup as hostbackup
     rc = _original(job.call, args) if rest else 0
     dirs = [job.backup_dir] + (["%s/%d" % (job.base_path, job.vmid)] if job.base_path else [])
@@ -190,8 +190,8 @@ def _post(job, mine, rest, args) -> int:
             _host_step(job.backup_host, hostbackup.cleanup_dirs(dirs), "backup folder cleanup")
         except Failure as e:
             log.warn(str(e))
-    for p in _parts(job, mine):
-        p.after()
+    # nothing on the group: prebackup removed what it made on every path it could see, and what a
+    # killed one left goes with the next backup of the disk or the VM's end (eqliscsi/backup.py)
     # upstream's postbackup_live always exits 0 (qcow2/postbackup_live, release-7.4.0)
     return 0 if job.live else rc
 

@@ -25,7 +25,7 @@ LIVE_REFUSED = ("a live backup of iscsi disk %s is refused: QEMU reads that LUN 
 
 
 def _lun(disk, vmid: int):
-    from oneiscsi.host.backup import Lun
+    from oneiscsi.host.libiscsi import Lun
     t = Target.of_disk(disk).for_libvirt()
     host, port = t.portals[0]
     return Lun(validate.format_portal(host, port), t.iqn, "iqn.2008-11.org.linux-kvm:oneiscsi-%d" % vmid,
@@ -55,9 +55,6 @@ class Part:
         _host_step(self.job.backup_host, prefix + hostbackup.read_script(self.job.backup_dir, reads), "backup read")
 
     def finish(self, done: bool) -> None:
-        pass
-
-    def after(self) -> None:
         pass
 
 

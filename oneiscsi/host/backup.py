@@ -8,105 +8,14 @@ that differ from the previous backup, with that file as backing: restores rebuil
 `qemu-img rebase -u -F qcow2 -b <previous> <increment>` and flatten it with `qemu-img convert`
 (src/tm_mad/lib/backup.rb `reconstruct_chain` / `merge_chain`, release-7.4.0).
 
-Volumes and snapshots are read through qemu-img's own iSCSI initiator (libiscsi): no kernel
-login, no device on the host. A CHAP password travels in the script text (quoted heredoc) into a
-0600 file for qemu-img's `--object secret,file=`, never on an argv.
+Volumes and snapshots are read through qemu-img's own iSCSI initiator (libiscsi: host/libiscsi.py):
+no kernel login, no device on the host.
 """
 from __future__ import annotations
 
-import json
-
-from oneiscsi import host as hostrun
 from oneiscsi import validate
 from oneiscsi.host import q
-
-QEMU_IMG = "qemu-img"
-
-
-class Lun:
-    """How qemu-img reaches one iSCSI target: portal, IQN, initiator name, optional CHAP.
-    `lun` None: the first of LUN 0 (EqualLogic, most targets) and LUN 1 (tgtd keeps LUN 0
-    for its controller) that answers with at least `min_size` bytes."""
-
-    def __init__(self, portal: str, iqn: str, initiator: str, user: str = "", password: str = "",
-                 lun=None, min_size: int = 1, usage: str = ""):
-        self.portal, self.iqn, self.initiator = portal, iqn, initiator
-        self.user, self.password, self.lun, self.min_size = user, password, lun, int(min_size or 1)
-        self.usage = usage   # CHAP password from the host's libvirt secret of this usage (iscsi driver)
-        self.secret = ""
-
-    def spec(self, lun_var: str, secret: str) -> dict:
-        d = {"driver": "iscsi", "transport": "tcp", "portal": self.portal, "target": self.iqn,
-             "lun": lun_var, "initiator-name": self.initiator}
-        if self.user:
-            d.update({"user": self.user, "password-secret": secret})
-        return d
-
-
-def _opts(spec: dict) -> str:
-    """--image-opts text (key=value,...) with the LUN left as a shell expansion."""
-    return ",".join("%s=%s" % (k, v) for k, v in spec.items())
-
-
-def _json(spec: dict) -> str:
-    """A json: backing name (the LUN a number, from the shell variable)."""
-    return "json:" + json.dumps({"driver": "raw", "file": spec}, separators=(",", ":")).replace('"@LUN@"', "@LUN@")
-
-
-def _shell(text: str, lun_var: str) -> str:
-    """Quote `text` for sh, with the placeholder @LUN@ becoming "$<lun_var>"."""
-    return ('"$%s"' % lun_var).join(q(part) for part in text.split("@LUN@"))
-
-
-HEAD = r"""set -u
-umask 077
-work=$(mktemp -d "${TMPDIR:-/var/tmp}/oneiscsi-bk.XXXXXX") || exit 1
-trap 'rm -rf "$work"' EXIT
-fail() { echo "$*" >&2; exit 3; }
-lun_of() {  # lun_of VAR MIN_BYTES OPTS_WITH_@@ : the first of LUN 0 and 1 of at least MIN bytes
-  for l in 0 1; do
-    s=$(%(qemu)s info --output=json $objs --image-opts "$(printf '%%s' "$3" | sed "s/@@/$l/")" 2>/dev/null \
-        | sed -n 's/.*"virtual-size": *\([0-9]*\).*/\1/p' | head -n 1)
-    if [ -n "$s" ] && [ "$s" -ge "$2" ]; then eval "$1=$l"; return 0; fi
-  done
-  return 1
-}
-objs=''
-""" % {"qemu": QEMU_IMG}
-
-
-def _secrets(luns: list) -> str:
-    """One secret object per distinct CHAP password (or libvirt secret usage); `objs` holds
-    their --object options. A libvirt secret's value goes from virsh into the file unseen."""
-    out, seen = [], {}
-    for lun in luns:
-        if not lun.user:
-            continue
-        key = ("usage", lun.usage) if lun.usage else ("pw", lun.password)
-        if key not in seen:
-            n = seen[key] = "sec%d" % len(seen)
-            if lun.usage:
-                out.append("u=$(virsh -q -c qemu:///system secret-list 2>/dev/null | awk -v u=%s "
-                           "'$2==\"iscsi\" && $3==u {print $1; exit}')" % q(lun.usage))
-                out.append("[ -n \"$u\" ] || fail %s" % q("no libvirt secret with usage %s on this host: define "
-                                                              "it with `oneiscsi.pyz secret`" % lun.usage))
-                out.append("virsh -q -c qemu:///system secret-get-value \"$u\" | base64 -d > \"$work/%s\" "
-                           "|| fail 'cannot read the libvirt secret'" % n)
-            else:
-                out.append(hostrun.heredoc_value("pw", lun.password).rstrip("\n"))
-                out.append("printf '%%s' \"$pw\" > \"$work/%s\"; pw=''" % n)
-            out.append("objs=\"$objs --object secret,id=%s,file=$work/%s\"" % (n, n))
-        lun.secret = seen[key]
-    return "\n".join(out)
-
-
-def _find(lun: Lun, var: str, min_expr: str = "") -> str:
-    """The LUN into shell variable `var`; min_expr: a shell expression for the least size."""
-    if lun.lun is not None:
-        return "%s=%d" % (var, int(lun.lun))
-    probe = _opts(lun.spec("@@", lun.secret))
-    return "lun_of %s %s %s || fail %s" % (var, min_expr or str(lun.min_size), q(probe), q(
-        "no LUN of %s on %s answers (access record, CHAP, or the target is down)" % (lun.iqn, lun.portal)))
+from oneiscsi.host.libiscsi import QEMU_IMG, find, json_name, opts, prelude, secrets, shell
 
 
 def prepare_dir(backup_dir: str, vm_xml_b64: str, fresh: bool, tpm=None) -> str:
@@ -142,24 +51,24 @@ def read_script(backup_dir: str, reads: list) -> str:
     backup file, by name, as upstream's chain expects. Each file appears only when complete."""
     d = validate.safe_path(backup_dir, "backup folder")
     luns = [r[2] for r in reads] + [r[3] for r in reads if r[3] is not None]
-    lines = [HEAD, _secrets(luns)]
+    lines = [prelude(), secrets(luns)]
     for n, (did, bid, new, ref) in enumerate(reads):
         did, bid = int(did), int(bid)
         out = "%s/disk.%d.%d" % (d, did, bid)
         part = out + ".part"
-        lines.append(_find(new, "ln%d" % n))
+        lines.append(find(new, "ln%d" % n))
         lines.append("t0=$(date +%s%N)")
         if ref is None:
             lines.append("%s convert -m 4 -O qcow2 $objs --image-opts %s %s || { rm -f %s; fail %s; }" % (
-                QEMU_IMG, _shell(_opts(new.spec("@LUN@", new.secret)), "ln%d" % n), q(part), q(part),
+                QEMU_IMG, shell(opts(new.spec("@LUN@", new.secret)), "ln%d" % n), q(part), q(part),
                 q("reading disk %d (%s) failed" % (did, new.iqn))))
         else:
-            lines.append(_find(ref, "lr%d" % n))
+            lines.append(find(ref, "lr%d" % n))
             lines.append("{ %s create -q -f qcow2 -F raw $objs -b %s %s && "
                          "%s rebase -q -f qcow2 -F raw $objs -b %s %s && "
                          "%s rebase -q -u -f qcow2 -F qcow2 -b %s %s; } || { rm -f %s; fail %s; }" % (
-                             QEMU_IMG, _shell(_json(new.spec("@LUN@", new.secret)), "ln%d" % n), q(part),
-                             QEMU_IMG, _shell(_json(ref.spec("@LUN@", ref.secret)), "lr%d" % n), q(part),
+                             QEMU_IMG, shell(json_name(new.spec("@LUN@", new.secret)), "ln%d" % n), q(part),
+                             QEMU_IMG, shell(json_name(ref.spec("@LUN@", ref.secret)), "lr%d" % n), q(part),
                              QEMU_IMG, q("disk.%d.%d" % (did, bid - 1)), q(part), q(part),
                              q("the increment of disk %d (%s against %s) failed" % (did, new.iqn, ref.iqn))))
         lines.append("mv -f %s %s || fail %s" % (q(part), q(out), q("cannot write %s" % out)))
@@ -178,11 +87,10 @@ def write_script(staged: str, dest, link: str = "") -> str:
     Refused before writing when the backup is larger than the volume; the staged file goes on
     every path."""
     s = q(validate.safe_path(staged, "staged backup file"))
-    lines = [HEAD]
+    lines = ["staged=%s" % s, prelude('rm -f "$staged"')]
     if dest is not None:
-        lines.append(_secrets([dest]))
-    lines += ["trap 'rm -rf \"$work\"; rm -f %s' EXIT" % s,
-              "info=$(%s info --output=json -f qcow2 %s) || fail 'the downloaded backup is not a qcow2 image'"
+        lines.append(secrets([dest]))
+    lines += ["info=$(%s info --output=json -f qcow2 %s) || fail 'the downloaded backup is not a qcow2 image'"
               % (QEMU_IMG, s),
               # one standalone image (downloader.sh merges a chain): a backing or data file named
               # in it would be read from this host's disks into the VM's volume
@@ -200,9 +108,9 @@ def write_script(staged: str, dest, link: str = "") -> str:
                       QEMU_IMG, s, lk, q("writing the backup onto %s failed" % link)),
                   "sync"]
     else:
-        lines += [_find(dest, "lw", "\"$need\""),
+        lines += [find(dest, "lw", "\"$need\""),
                   "%s convert -n -W -m 8 -f qcow2 $objs %s --target-image-opts %s || fail %s" % (
-                      QEMU_IMG, s, _shell(_opts(dest.spec("@LUN@", dest.secret)), "lw"),
+                      QEMU_IMG, s, shell(opts(dest.spec("@LUN@", dest.secret)), "lw"),
                       q("writing the backup onto %s failed" % dest.iqn))]
     lines.append("echo \"DONE $need\"")
     return "\n".join(lines) + "\n"

@@ -135,11 +135,9 @@ class Part:
         job = self.job
         reads = []
         for t in self.targets:
-            def lun(name):
-                w = Writer(t.cfg, self.iqn[name])
-                return hostbackup.Lun(w.portal, w.iqn, w.initiator, w.user, w.password, min_size=1)
             ref = self.ref.get(t)
-            reads.append((t.did, job.backup_id, lun(self.made[t]), lun(ref) if ref else None))
+            reads.append((t.did, job.backup_id, Writer(t.cfg, self.iqn[self.made[t]]).lun(),
+                          Writer(t.cfg, self.iqn[ref]).lun() if ref else None))
         res = _host_step(job.backup_host, prefix + hostbackup.read_script(job.backup_dir, reads), "backup read")
         for line in res.stdout.splitlines():
             if line.startswith("DONE "):
@@ -165,21 +163,6 @@ class Part:
                         log.error("cleanup of disk %s's backup snapshot on %s failed: %s" % (t.did, t.volume, e))
         except Failure as e:
             log.error("cleanup of the backup snapshots failed: %s" % e)
-
-    def after(self) -> None:
-        """postbackup: a FULL-mode backup keeps no snapshot (leftovers of a killed prebackup go)."""
-        if self.job.incremental:
-            return
-        try:
-            with tm.locked(self.targets), tm.san(self.targets) as ss:
-                for t in self.targets:
-                    s = ss[t.group.address]
-                    if not tm.resolve(s, t, must=False):
-                        continue
-                    for name in backup_snapshots(s, t, self.job.vmid).values():
-                        s.delete_snapshot(t.volume, name)
-        except Failure as e:
-            log.warn("leftover backup snapshots stay: %s" % e)
 
 
 class RestoreTarget:

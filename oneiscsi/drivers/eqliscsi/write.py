@@ -64,6 +64,11 @@ class Writer:
             self.portal, self.iqn, lun, self.initiator)
         return o + (",user=%s,password-secret=sec0" % self.user if self.user else "")
 
+    def lun(self, min_size: int = 1):
+        """This target as host scripts reach it (oneiscsi/host/libiscsi.py)."""
+        from oneiscsi.host.libiscsi import Lun
+        return Lun(self.portal, self.iqn, self.initiator, self.user, self.password, min_size=min_size)
+
     def secret_args(self, path) -> list:
         return ["--object", "secret,id=sec0,file=%s" % path] if self.user else []
 
@@ -273,40 +278,16 @@ def _send_file(h: str, path: str):
     return out
 
 
-def _bridge_lun(w: Writer, size: int):
-    """Script lines that put the CHAP secret in "$sec" (when set) and the first LUN holding `size`
-    bytes in "$lun", and the (secret args, opts(lun expression)) the qemu-img line needs."""
-    from oneiscsi.host import heredoc_value, q
-    lines = []
-    if w.user:
-        lines += ["sec=$(mktemp)", heredoc_value("pw", w.password).rstrip("\n"), "printf '%s' \"$pw\" > \"$sec\""]
-    sec_args = " ".join(q(a) for a in w.secret_args("SECRET")).replace(q("secret,id=sec0,file=SECRET"),
-                                                                        "\"secret,id=sec0,file=$sec\"")
-
-    def opts(lun_expr):
-        pre, post = w.opts("@LUN@").split("@LUN@")
-        return q(pre) + lun_expr + q(post)
-    lines += [
-        "lun=''",
-        "for l in 0 1; do",
-        "  s=$(%s info --output=json %s --image-opts %s 2>/dev/null | sed -n 's/.*\"virtual-size\": *\\([0-9]*\\).*/\\1/p' | head -n 1)"
-        % (q(QEMU_IMG), sec_args, opts("\"$l\"")),
-        "  if [ -n \"$s\" ] && [ \"$s\" -ge %d ]; then lun=$l; break; fi" % size,
-        "done",
-        "[ -n \"$lun\" ] || { echo 'no LUN of %s can hold the image' >&2; exit 3; }" % w.iqn,
-    ]
-    return lines, sec_args, opts
-
-
 def bridge_script(w: Writer, remote: str, fmt: str, size: int, zero_target=False) -> str:
-    from oneiscsi.host import q
-    lines = ["umask 077", "img=%s" % q(remote), "sec=''",
-             "trap 'rm -f \"$img\" ${sec:+\"$sec\"}' EXIT"]
-    lun_lines, sec_args, opts = _bridge_lun(w, size)
-    lines += lun_lines + [
-        "%s convert %s %s \"$img\" --target-image-opts %s"
-        % (q(QEMU_IMG), " ".join(q(f) for f in convert_flags(w, fmt, zero_target)), sec_args, opts("\"$lun\"")),
-    ]
+    """The sent file `remote` onto the first LUN that holds `size` bytes; the file goes on exit."""
+    from oneiscsi.host import libiscsi, q
+    lun = w.lun(size)
+    lines = ["img=%s" % q(remote), libiscsi.prelude('rm -f "$img"'), libiscsi.secrets([lun]),
+             libiscsi.find(lun, "lun"),
+             "%s convert %s $objs \"$img\" --target-image-opts %s || fail %s"
+             % (q(QEMU_IMG), " ".join(q(f) for f in convert_flags(w, fmt, zero_target)),
+                libiscsi.shell(libiscsi.opts(lun.spec("@LUN@", lun.secret)), "lun"),
+                q("qemu-img convert onto %s failed" % w.iqn))]
     return "\n".join(lines) + "\n"
 
 
@@ -372,18 +353,17 @@ def read_bridge(hosts: list, w: Writer, size: int, fmt: str):
 
 
 def export_script(w: Writer, size: int, fmt: str) -> str:
-    from oneiscsi.host import q
-    lines = ["umask 077", "sec=''", "ok=''",
+    from oneiscsi.host import libiscsi, q
+    lun = w.lun(size)
+    lines = ["ok=''", "out=''", libiscsi.prelude('[ -n "$ok" ] || rm -f ${out:+"$out"}'),
              "out=$(mktemp --suffix=.%s /var/tmp/%sXXXXXXXX) || exit 3" % (fmt, EXPORT_PREFIX),
-             "trap 'rm -f ${sec:+\"$sec\"}; [ -n \"$ok\" ] || rm -f \"$out\"' EXIT"]
-    lun_lines, sec_args, opts = _bridge_lun(w, size)
-    lines += lun_lines + [
-        "%s convert -m 16%s -O %s %s --image-opts %s \"$out\" || exit 3"
-        % (q(QEMU_IMG), " -r %d" % w.rate if w.rate else "", q(fmt), sec_args, opts("\"$lun\"")),
-        "sum=$(md5sum \"$out\" | cut -d' ' -f1) || exit 3",
-        "ok=1",
-        "echo \"EXPORTED $out $sum\"",
-    ]
+             libiscsi.secrets([lun]), libiscsi.find(lun, "lun"),
+             "%s convert -m 16%s -O %s $objs --image-opts %s \"$out\" || exit 3"
+             % (q(QEMU_IMG), " -r %d" % w.rate if w.rate else "", q(fmt),
+                libiscsi.shell(libiscsi.opts(lun.spec("@LUN@", lun.secret)), "lun")),
+             "sum=$(md5sum \"$out\" | cut -d' ' -f1) || exit 3",
+             "ok=1",
+             "echo \"EXPORTED $out $sum\""]
     return "\n".join(lines) + "\n"
 
 
