@@ -18,6 +18,21 @@ def logfile(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def oned(tmp_path):
+    """A FakeOned for one test; `oned.env` reaches it (ONE_XMLRPC, ONE_AUTH)."""
+    from oneiscsi.sim.oned import FakeOned
+    o = FakeOned(session="oneadmin:pw")
+    o.start()
+    auth = tmp_path / "one_auth"
+    auth.write_text("oneadmin:pw\n")
+    o.env = {"ONE_XMLRPC": o.url, "ONE_AUTH": str(auth)}
+    try:
+        yield o
+    finally:
+        o.stop()
+
+
+@pytest.fixture
 def remotes_factory(pyz, tmp_path):
     """remotes_factory(version) -> an installed remotes tree for that OpenNebula version."""
     made = {}

@@ -19,18 +19,6 @@ def cli(args, env=None, stdin="", wrap=()):
                           text=True, env=e, input=stdin, timeout=120)
 
 
-@pytest.fixture
-def oned(tmp_path):
-    from oneiscsi.sim.oned import FakeOned
-    o = FakeOned(session="oneadmin:pw")
-    o.start()
-    auth = tmp_path / "one_auth"
-    auth.write_text("oneadmin:pw\n")
-    o.env = {"ONE_XMLRPC": o.url, "ONE_AUTH": str(auth)}
-    yield o
-    o.stop()
-
-
 def test_help_lists_every_command_and_each_has_its_own(pyz):
     for word in ("--help", "-h", "help"):
         res = cli([word])

@@ -287,16 +287,8 @@ def test_iscsi_every_ds_action(remotes_factory, shape, version, logfile):
 
 # ---- TM actions ------------------------------------------------------------------------------------
 @pytest.fixture
-def fake_oned(tmp_path):
-    from oneiscsi.sim.oned import FakeOned
-    oned = FakeOned(session="oneadmin:onepw")
-    oned.start()
-    auth = tmp_path / "one_auth"
-    auth.write_text("oneadmin:onepw\n")
-    try:
-        yield oned, {"ONE_XMLRPC": oned.url, "ONE_AUTH": str(auth)}
-    finally:
-        oned.stop()
+def fake_oned(oned):
+    return oned, oned.env
 
 
 def tm_run(remotes, driver, action, args, env=None, stdin=""):
